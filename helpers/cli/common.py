@@ -1,0 +1,39 @@
+"""Options shared by several verbs, so that each keeps one meaning everywhere."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_data(parser: argparse.ArgumentParser, default: str = "data", help_text: str | None = None) -> None:
+    parser.add_argument(
+        "--data", default=default, metavar="DIR",
+        help=help_text or "dataset folder with test/query and test/gallery (default: %(default)s)",
+    )
+
+
+def add_model(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
+    """``--model``, ``--weights``, ``--device``, ``--batch-size`` and the model options."""
+    from ..models import DEFAULT_MODEL
+
+    if multiple:
+        parser.add_argument("--model", action="append", metavar="NAME",
+                            help=f"registered model name, repeatable (default: {DEFAULT_MODEL}; see `models`)")
+    else:
+        parser.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
+                            help="registered model name (default: %(default)s; see `python -m helpers models`)")
+    parser.add_argument("--weights", default="pretrained", metavar="pretrained|none|PATH",
+                        help="pretrained weights, none (random init) or a local weight file (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="default: %(default)s")
+
+
+def add_k(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--k", type=int, default=10, help="names ranked per query (default: %(default)s)")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -1,0 +1,140 @@
+"""Verbs: models, demo, split, retrieve, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_data, add_k, add_model, positive_int
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("models", help="list the registered model names")
+    p.add_argument("--family", help="only this family")
+    p.set_defaults(func=cmd_models)
+
+    p = subparsers.add_parser("demo", help="build the embedded demo dataset and run retrieval on it, offline")
+    p.add_argument("--out", default="data/demo", metavar="DIR", help="where the demo dataset goes (default: %(default)s)")
+    add_model(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = subparsers.add_parser("split", help="turn a class-folder dataset into the competition layout")
+    p.add_argument("--source", required=True, metavar="CLASS_DIR", help="dataset as CLASS_DIR/<class>/<image>")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (training/, test/query, test/gallery)")
+    p.add_argument("--train-per-class", type=int, default=None, metavar="T", help="default: all remaining images")
+    p.add_argument("--query-per-class", type=positive_int, default=5, metavar="Q", help="default: %(default)s")
+    p.add_argument("--gallery-per-class", type=positive_int, default=20, metavar="G", help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.set_defaults(func=cmd_split)
+
+    p = subparsers.add_parser("retrieve", help="rank the gallery for every query; evaluate if ground truth exists")
+    add_data(p)
+    add_model(p)
+    add_k(p)
+    p.add_argument("--out", metavar="FILE", help="submission path (default: submissions/<run>.json)")
+    p.add_argument("--format", choices=("dict", "list"), default="dict", help="submission format (default: dict)")
+    p.add_argument("--metrics-out", metavar="FILE", help="metrics JSON path (default: results/<run>.json)")
+    p.add_argument("--grid", metavar="FILE", help="also write a PNG grid of the first queries here")
+    p.add_argument("--tta", choices=("none", "flip", "multiscale"), default="none", help="test-time augmentation")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    p.add_argument("--cache-dir", metavar="DIR", help="embedding cache folder (default: ~/.cache/image-retrieval)")
+    p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: automatic)")
+    p.add_argument("--run-name", help="name used for default output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_retrieve)
+
+    p = subparsers.add_parser("evaluate", help="score a submission file against ground truth")
+    p.add_argument("--submission", required=True, metavar="FILE", help="submission in dict or list format")
+    p.add_argument("--ground-truth", required=True, metavar="FILE", help="{query: [relevant gallery names]}")
+    add_k(p)
+    p.add_argument("--metrics-out", metavar="FILE", help="also write a metrics JSON here")
+    p.add_argument("--gallery", metavar="DIR", help="gallery folder: report names that are not in it")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..models import list_models
+
+    specs = [s for s in list_models() if not args.family or s.family == args.family]
+    rows = [("name", "family", "dim", "input", "offline weights", "description")]
+    for s in specs:
+        rows.append((s.name, s.family, str(s.embed_dim), str(s.preprocessing.input_size),
+                     "yes" if s.offline_weights else "no", s.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(r[i].ljust(widths[i]) for i in range(5)) + "  " + r[5])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+    from ..metrics import format_metrics_table
+
+    outputs = run_demo(args.out, model=args.model, weights=args.weights, device=args.device)
+    print(f"demo dataset: {outputs.data}")
+    if outputs.metrics_values:
+        print(format_metrics_table(outputs.metrics_values))
+    print(f"submission:   {outputs.submission}")
+    print(f"metrics:      {outputs.metrics}")
+    print(f"grid:         {outputs.grid}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from ..data import split_dataset
+
+    summary = split_dataset(args.source, args.out, args.train_per_class, args.query_per_class,
+                            args.gallery_per_class, args.seed)
+    totals = summary.totals
+    print(f"{len(summary.classes)} classes -> {summary.out_dir}: {totals.get('training', 0)} training, "
+          f"{totals.get('query', 0)} query, {totals.get('gallery', 0)} gallery images"
+          + (f"; {summary.renamed} renamed to <class>_<name> (shared basenames)" if summary.renamed else ""))
+    print(f"ground truth: {summary.out_dir / 'test' / 'ground_truth.json'}")
+    return 0
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from ..metrics import format_metrics_table
+    from ..pipeline import run_retrieval, save_run
+
+    run = run_retrieval(
+        args.data, model=args.model, weights=args.weights, k=args.k, batch_size=args.batch_size,
+        device=args.device, use_cache=not args.no_cache, cache_dir=args.cache_dir, tta=args.tta,
+        num_workers=args.workers, progress=not args.quiet, run_name=args.run_name,
+    )
+    outputs = save_run(run, out=args.out, fmt=args.format, metrics_out=args.metrics_out, grid_out=args.grid)
+    skipped = len(run.query.skipped) + len(run.gallery.skipped)
+    print(f"{len(run.rankings)} queries x {len(run.gallery.paths)} gallery images with {run.model_name}; "
+          f"embeddings: {run.query.n_cached + run.gallery.n_cached} from cache, "
+          f"{run.query.n_computed + run.gallery.n_computed} computed; {skipped} unreadable file(s) skipped; "
+          f"{run.timings['total']:.1f} s")
+    if run.evaluation is not None:
+        for problem in run.evaluation.problems:
+            print(f"note: {problem}", file=sys.stderr)
+        print(format_metrics_table(run.evaluation.metrics))
+    print(f"submission: {outputs.submission}")
+    if outputs.metrics:
+        print(f"metrics:    {outputs.metrics}")
+    if outputs.grid:
+        print(f"grid:       {outputs.grid}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..data import list_images, load_ground_truth
+    from ..metrics import build_metrics_record, evaluate_rankings, format_metrics_table, write_metrics
+    from ..submission import load_submission
+
+    rankings = load_submission(args.submission)
+    ground_truth = load_ground_truth(args.ground_truth)
+    gallery = [p.name for p in list_images(args.gallery)] if args.gallery else None
+    result = evaluate_rankings(rankings, ground_truth, k=args.k, gallery_names=gallery)
+    for problem in result.problems:
+        print(f"note: {problem}", file=sys.stderr)
+    print(f"{result.n_queries} queries scored")
+    print(format_metrics_table(result.metrics))
+    if args.metrics_out:
+        record = build_metrics_record(model_name="unknown", top_k=args.k, metrics=result.metrics,
+                                      config={"submission": args.submission, "ground_truth": args.ground_truth})
+        print(f"metrics: {write_metrics(args.metrics_out, record)}")
+    return 0

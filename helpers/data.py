@@ -1,0 +1,386 @@
+"""Datasets on disk: the competition layout, class folders, robust image loading, ``split`` and ground truth.
+
+Competition layout::
+
+    DIR/training/<class>/*      (for training only)
+    DIR/test/query/*            (flat)
+    DIR/test/gallery/*          (flat)
+    DIR/test/ground_truth.json  (optional: {query name: [every relevant gallery name]})
+    DIR/test/labels.json        (optional: {"query": {name: class}, "gallery": {name: class}})
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .fileio import read_json, write_json
+
+logger = logging.getLogger("helpers")
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+#: Pillow's own default limit (about 89.5 megapixels); larger files are refused as possible decompression bombs.
+DEFAULT_MAX_PIXELS = int(os.environ.get("RETRIEVAL_MAX_PIXELS", 89_478_485))
+DEFAULT_DATA_DIR = Path("data")
+
+# Truncated files must fail loudly, never decode half an image silently.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class DataError(Exception):
+    """A dataset folder is missing, empty or malformed. The message says what and where."""
+
+
+class ImageLoadError(Exception):
+    """One image file cannot be used; ``reason`` says why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Listing files
+# --------------------------------------------------------------------------------------------------------------
+def is_hidden(path: Path) -> bool:
+    """Dot files and macOS resource forks (``.DS_Store``, ``._x.jpg``)."""
+    return path.name.startswith(".")
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a visible regular file with an image extension (case-insensitive)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(path) and path.is_file()
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name. Raises :class:`DataError` if it is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"folder not found: {folder}")
+    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+
+
+def list_class_folder(root: str | os.PathLike) -> list[tuple[Path, str]]:
+    """``(path, class name)`` for every image of ``root/<class>/*``, classes and files sorted by name.
+
+    Empty class folders are skipped with a warning; a root without any image is a :class:`DataError`.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"class folder dataset not found: {root}")
+    items: list[tuple[Path, str]] = []
+    for class_dir in sorted((d for d in root.iterdir() if d.is_dir() and not is_hidden(d)), key=lambda d: d.name):
+        files = list_images(class_dir)
+        if not files:
+            logger.warning("class folder %s holds no image; skipped", class_dir)
+        items.extend((f, class_dir.name) for f in files)
+    if not items:
+        raise DataError(f"no images found in class folders under {root} (expected {root}/<class>/<image>)")
+    return items
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading one image
+# --------------------------------------------------------------------------------------------------------------
+def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """Scale 16-bit, 32-bit integer or float grey images to 8 bits instead of clipping them to white."""
+    array = np.asarray(image, dtype=np.float64)
+    peak = float(array.max()) if array.size else 0.0
+    if peak > 65535:
+        array = array * (255.0 / peak)
+    elif peak > 255:
+        array = array / 257.0
+    array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    return Image.fromarray(array, mode="L").convert("RGB")
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Convert any Pillow mode to RGB. Transparent pixels are composited over ``background``."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _high_bit_depth_to_rgb(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def load_image(
+    path: str | os.PathLike,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Open an image as RGB with its EXIF orientation applied.
+
+    ``draft_size`` lets the JPEG decoder scale down by 1/2, 1/4 or 1/8 while keeping both sides at least that
+    large (much faster for big photos). Raises :class:`ImageLoadError` naming the reason for a zero-byte,
+    non-image, corrupt or truncated file, or one over ``max_pixels`` (possible decompression bomb).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageLoadError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if size == 0:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageLoadError(
+                        path, f"{width}x{height} pixels is over the limit of {max_pixels} (possible decompression bomb)"
+                    )
+                if draft_size and image.format == "JPEG":
+                    image.draft("RGB", (draft_size, draft_size))
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image file Pillow can identify") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(path, f"possible decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ImageLoadError(path, f"corrupt or truncated image ({reason})") from None
+
+
+def check_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str | None:
+    """Return ``None`` if ``path`` loads, else the reason it does not."""
+    try:
+        load_image(path, max_pixels=max_pixels)
+    except ImageLoadError as exc:
+        return exc.reason
+    return None
+
+
+def report_skipped(skipped: Sequence[tuple[str | os.PathLike, str]], what: str = "images") -> None:
+    """Log each skipped file with its reason, then how many were skipped."""
+    for path, reason in skipped:
+        logger.warning("skipped %s: %s", path, reason)
+    if skipped:
+        logger.warning("%d %s skipped (unreadable); the run goes on without them", len(skipped), what)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Retrieval sets (test/query + test/gallery)
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class RetrievalSet:
+    """The query and gallery images of one dataset, with ground truth and labels where present."""
+
+    root: Path
+    query_dir: Path
+    gallery_dir: Path
+    query_paths: list[Path]
+    gallery_paths: list[Path]
+    ground_truth: dict[str, list[str]] | None = None
+    labels: dict[str, dict[str, str]] | None = None
+    training_dir: Path | None = None
+
+    @property
+    def query_names(self) -> list[str]:
+        return [p.name for p in self.query_paths]
+
+    @property
+    def gallery_names(self) -> list[str]:
+        return [p.name for p in self.gallery_paths]
+
+    @property
+    def ground_truth_path(self) -> Path:
+        return self.query_dir.parent / "ground_truth.json"
+
+
+def _find_test_dir(root: Path) -> Path:
+    if (root / "test" / "query").exists() or (root / "test" / "gallery").exists():
+        return root / "test"
+    if (root / "query").exists() or (root / "gallery").exists():
+        return root
+    return root / "test"
+
+
+def load_retrieval_set(root: str | os.PathLike = DEFAULT_DATA_DIR) -> RetrievalSet:
+    """Read ``root/test/query`` and ``root/test/gallery`` (``root`` may also be the ``test`` folder itself).
+
+    Raises :class:`DataError` with a clear message when a folder is missing or holds no image.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(
+            f"data folder not found: {root}. Put your dataset there as {root}/test/query/* and {root}/test/gallery/*, "
+            "or pass --data DIR (try `python -m helpers demo` for a ready-made example)"
+        )
+    test_dir = _find_test_dir(root)
+    query_dir, gallery_dir = test_dir / "query", test_dir / "gallery"
+    for kind, folder in (("query", query_dir), ("gallery", gallery_dir)):
+        if not folder.is_dir():
+            raise DataError(f"{kind} folder not found: {folder} (expected layout: DIR/test/query/*, DIR/test/gallery/*)")
+    query_paths, gallery_paths = list_images(query_dir), list_images(gallery_dir)
+    for kind, folder, paths in (("query", query_dir, query_paths), ("gallery", gallery_dir, gallery_paths)):
+        if not paths:
+            raise DataError(
+                f"{kind} folder {folder} holds no image (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+    gt_path = test_dir / "ground_truth.json"
+    ground_truth = load_ground_truth(gt_path) if gt_path.exists() else None
+    labels_path = test_dir / "labels.json"
+    labels = read_json(labels_path) if labels_path.exists() else None
+    training_dir = root / "training" if (root / "training").is_dir() else None
+    return RetrievalSet(root, query_dir, gallery_dir, query_paths, gallery_paths, ground_truth, labels, training_dir)
+
+
+def load_ground_truth(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Read ``{query name: [relevant gallery names]}``; a single name is accepted in place of a list."""
+    path = Path(path)
+    try:
+        raw = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read ground truth {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"ground truth {path} must be a JSON object {{query: [gallery names]}}")
+    ground_truth: dict[str, list[str]] = {}
+    for query, relevant in raw.items():
+        if isinstance(relevant, str):
+            relevant = [relevant]
+        if not isinstance(relevant, list) or not all(isinstance(name, str) for name in relevant):
+            raise DataError(f"ground truth {path}: entry {query!r} must be a list of gallery names")
+        ground_truth[str(query)] = list(relevant)
+    return ground_truth
+
+
+# --------------------------------------------------------------------------------------------------------------
+# split: class folders -> competition layout
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class SplitSummary:
+    """What :func:`split_dataset` wrote."""
+
+    out_dir: Path
+    classes: list[str]
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    renamed: int = 0
+
+    @property
+    def totals(self) -> dict[str, int]:
+        total = Counter()
+        for per_split in self.counts.values():
+            total.update(per_split)
+        return dict(total)
+
+
+def _place(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` where possible (fast, no extra disk), else copy it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _unique_names(items: Iterable[tuple[Path, str]]) -> tuple[dict[Path, str], int]:
+    """Flat names for files coming from several class folders; ``<class>_<name>`` where basenames collide."""
+    items = list(items)
+    counts = Counter(p.name for p, _ in items)
+    names: dict[Path, str] = {}
+    used: set[str] = set()
+    renamed = 0
+    for path, label in items:
+        name = path.name if counts[path.name] == 1 else f"{label}_{path.name}"
+        if name != path.name:
+            renamed += 1
+        base, suffix, n = Path(name).stem, Path(name).suffix, 1
+        while name in used:
+            name = f"{base}_{n}{suffix}"
+            n += 1
+        used.add(name)
+        names[path] = name
+    return names, renamed
+
+
+def split_dataset(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    train_per_class: int | None = None,
+    query_per_class: int = 5,
+    gallery_per_class: int = 20,
+    seed: int = 0,
+) -> SplitSummary:
+    """Turn a class-folder dataset into the competition layout with disjoint images per class.
+
+    Per class (after a seeded shuffle): ``query_per_class`` queries, then ``gallery_per_class`` gallery images,
+    then ``train_per_class`` training images (``None``: all the rest). Writes ``test/ground_truth.json``
+    (each query -> every gallery name of its class) and ``test/labels.json``. Deterministic for a seed.
+    """
+    source, out = Path(source), Path(out)
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise DataError(f"--out {out} must not be inside --source {source}")
+    by_class: dict[str, list[Path]] = {}
+    for path, label in list_class_folder(source):
+        by_class.setdefault(label, []).append(path)
+
+    selection: dict[str, list[tuple[Path, str]]] = {"query": [], "gallery": [], "training": []}
+    summary = SplitSummary(out, sorted(by_class))
+    for class_index, label in enumerate(sorted(by_class)):
+        files = list(by_class[label])
+        rng = np.random.default_rng([seed, class_index])
+        order = rng.permutation(len(files))
+        files = [files[i] for i in order]
+        n_query = min(query_per_class, len(files))
+        n_gallery = min(gallery_per_class, len(files) - n_query)
+        rest = len(files) - n_query - n_gallery
+        n_train = rest if train_per_class is None else min(train_per_class, rest)
+        if n_query < query_per_class or n_gallery < gallery_per_class:
+            logger.warning("class %s has only %d images: %d query, %d gallery", label, len(files), n_query, n_gallery)
+        chunks = {
+            "query": files[:n_query],
+            "gallery": files[n_query : n_query + n_gallery],
+            "training": files[n_query + n_gallery : n_query + n_gallery + n_train],
+        }
+        for part, paths in chunks.items():
+            selection[part].extend((p, label) for p in paths)
+        summary.counts[label] = {part: len(paths) for part, paths in chunks.items()}
+
+    for sub in ("training", "test/query", "test/gallery"):
+        target = out / sub
+        if target.exists():
+            shutil.rmtree(target)
+    test_names, renamed = _unique_names(selection["query"] + selection["gallery"])
+    summary.renamed = renamed
+    labels: dict[str, dict[str, str]] = {"query": {}, "gallery": {}}
+    for part in ("query", "gallery"):
+        for path, label in selection[part]:
+            name = test_names[path]
+            _place(path, out / "test" / part / name)
+            labels[part][name] = label
+    for path, label in selection["training"]:
+        _place(path, out / "training" / label / path.name)
+
+    gallery_by_class: dict[str, list[str]] = {}
+    for name, label in labels["gallery"].items():
+        gallery_by_class.setdefault(label, []).append(name)
+    ground_truth = {
+        name: sorted(gallery_by_class.get(label, [])) for name, label in sorted(labels["query"].items())
+    }
+    write_json(out / "test" / "ground_truth.json", ground_truth)
+    write_json(out / "test" / "labels.json", labels)
+    return summary

@@ -1,0 +1,3 @@
+"""Imports every family module so that each registers its names. Add new families here."""
+
+from . import timm_family  # noqa: F401

@@ -1,0 +1,258 @@
+"""The model registry: a name -> a network that maps a normalised image batch to one embedding per image.
+
+Every family registers :class:`ModelSpec` entries. :func:`load_model` builds the network with the requested weights
+(``pretrained``, ``none`` for random initialisation, or a local file) and wraps it in :class:`EmbeddingModel`,
+which carries the family's own preprocessing (input size, resize, mean and std).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: OpenAI CLIP's normalisation (Radford et al., 2021), used by every CLIP checkpoint.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+WEIGHT_CHOICES = ("pretrained", "none")
+
+
+class ModelError(Exception):
+    """An unknown model name, a bad option, or weights that cannot be loaded. The message says what to do."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a family turns a PIL image into its input tensor."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    resize_mode: str = "shortest"  # "shortest": resize the short side then centre-crop; "squash": resize to a square
+
+    def transform(self) -> Callable:
+        """A torchvision transform: PIL RGB image -> normalised float tensor (3, H, W)."""
+        from torchvision import transforms as T
+
+        interpolation = T.InterpolationMode(self.interpolation)
+        if self.resize_mode == "squash":
+            resize = T.Resize((self.input_size, self.input_size), interpolation=interpolation, antialias=True)
+            steps = [resize]
+        else:
+            scale_size = int(round(self.input_size / self.crop_pct))
+            steps = [T.Resize(scale_size, interpolation=interpolation, antialias=True), T.CenterCrop(self.input_size)]
+        return T.Compose(steps + [T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class ModelSpec:
+    """One registered name.
+
+    ``build(spec, weights, options) -> nn.Module`` returns a network whose ``forward`` maps a batch (B, 3, H, W)
+    to features (B, embed_dim). ``weights`` is ``"pretrained"`` or ``"none"``; local files are loaded afterwards
+    by :func:`load_model`.
+    """
+
+    name: str
+    family: str
+    embed_dim: int
+    preprocessing: Preprocessing
+    build: Callable[["ModelSpec", str, dict[str, Any]], nn.Module]
+    offline_weights: bool = False
+    description: str = ""
+    default_pool: str | None = None
+    pools: tuple[str, ...] = ()
+    channels_last: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+#: Prefixes for pass-through names such as ``timm:convnext_tiny``: prefix -> factory(rest of the name) -> spec.
+_PREFIX_FACTORIES: dict[str, Callable[[str], ModelSpec]] = {}
+_FAMILIES_LOADED = False
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add ``spec`` to the registry (a later registration of the same name replaces the earlier one)."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def register_prefix(prefix: str, factory: Callable[[str], ModelSpec]) -> None:
+    """Resolve names ``"<prefix>:<rest>"`` through ``factory(rest)``."""
+    _PREFIX_FACTORIES[prefix] = factory
+
+
+def _load_families() -> None:
+    """Import every family module once so that each registers its names (they import torch libraries lazily)."""
+    global _FAMILIES_LOADED
+    if _FAMILIES_LOADED:
+        return
+    _FAMILIES_LOADED = True
+    from . import families  # noqa: F401  (registers on import)
+
+
+def list_models() -> list[ModelSpec]:
+    """Every registered spec, sorted by family then name."""
+    _load_families()
+    return sorted(_REGISTRY.values(), key=lambda s: (s.family, s.name))
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec for ``name``; pass-through names (``timm:...``) are resolved on demand."""
+    _load_families()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in _PREFIX_FACTORIES:
+        if not rest:
+            raise ModelError(f"model name {name!r} needs something after '{prefix}:'")
+        return _PREFIX_FACTORIES[prefix](rest)
+    known = ", ".join(s.name for s in list_models())
+    prefixes = ", ".join(f"{p}:<name>" for p in sorted(_PREFIX_FACTORIES))
+    raise ModelError(f"unknown model {name!r}. Registered: {known}. Pass-through: {prefixes}")
+
+
+class EmbeddingModel(nn.Module):
+    """A network plus its preprocessing; ``forward`` returns raw (not yet normalised) embeddings (B, D)."""
+
+    def __init__(self, spec: ModelSpec, network: nn.Module, weights: str, options: dict[str, Any] | None = None):
+        super().__init__()
+        self.spec = spec
+        self.network = network
+        self.weights = weights
+        self.options = dict(options or {})
+        self.preprocessing = spec.preprocessing
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.spec.embed_dim)
+
+    @property
+    def pooling(self) -> str | None:
+        return self.options.get("pool", self.spec.default_pool)
+
+    def transform(self) -> Callable:
+        return self.preprocessing.transform()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images)
+
+    def cache_key(self) -> str:
+        """Identifies the model, its weights and its preprocessing: changing any of them invalidates the cache."""
+        weights = self.weights
+        if weights not in WEIGHT_CHOICES:
+            path = Path(weights)
+            stat = path.stat()
+            weights = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        payload = json.dumps(
+            {
+                "name": self.spec.name,
+                "weights": weights,
+                "options": {k: str(v) for k, v in sorted(self.options.items())},
+                "preprocessing": self.preprocessing.key(),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else Apple's MPS, else the CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load tensors from ``.safetensors`` or a torch file with ``weights_only=True`` (never arbitrary pickles)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        raise ModelError(f"cannot load weights from {path}: {exc}") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "model_state"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def save_weights(model: EmbeddingModel, path: str | os.PathLike) -> Path:
+    """Save the network's state dict so that ``load_model(name, weights=path)`` reproduces it exactly."""
+    from ..fileio import atomic_write
+
+    state = {k: v.detach().cpu() for k, v in model.network.state_dict().items()}
+    return atomic_write(path, lambda f: torch.save(state, f), mode="wb")
+
+
+def load_model(
+    name: str,
+    weights: str = "pretrained",
+    device: str | torch.device = "cpu",
+    **options: Any,
+) -> EmbeddingModel:
+    """Build a registered model in eval mode on ``device``.
+
+    ``weights``: ``"pretrained"`` (the family's published weights; offline families ship them, others download
+    through their library), ``"none"`` (random initialisation, for tests) or a path to a local weight file or
+    folder (loaded with ``weights_only=True``). ``options`` are family-specific (``pool``, ``pretrained`` tag...).
+    """
+    spec = get_spec(name)
+    options = {k: v for k, v in options.items() if v is not None}
+    pool = options.get("pool")
+    if pool is not None and spec.pools and pool not in spec.pools:
+        raise ModelError(f"model {name} supports --pool {'|'.join(spec.pools)}, not {pool!r}")
+    is_file = weights not in WEIGHT_CHOICES
+    if is_file and not Path(weights).exists():
+        raise ModelError(f"--weights must be pretrained, none or an existing file/folder; {weights!r} not found")
+    network = spec.build(spec, "none" if is_file else weights, options)
+    if is_file and not getattr(network, "loads_own_weights", False):
+        state = load_state_dict_file(weights)
+        missing, unexpected = network.load_state_dict(state, strict=False)
+        if missing:
+            raise ModelError(f"{weights} does not fit {name}: {len(missing)} missing keys, e.g. {missing[:3]}")
+        if unexpected:
+            raise ModelError(f"{weights} does not fit {name}: {len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
+    model = EmbeddingModel(spec, network, weights, options)
+    model.eval()
+    target = resolve_device(device)
+    model.to(target)
+    if spec.channels_last and target.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,119 @@
+"""Submission files: the dict and list formats, conversion, validation, atomic saving.
+
+- dict: ``{"query.jpg": ["g1.jpg", "g2.jpg", ...]}`` (what the course server takes)
+- list: ``[{"filename": "query.jpg", "samples": ["g1.jpg", ...]}, ...]``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .fileio import write_json
+
+FORMATS = ("dict", "list")
+Rankings = dict[str, list[str]]
+
+
+class SubmissionError(Exception):
+    """A submission file that cannot be read as either format."""
+
+
+def parse_submission(raw: Any) -> Rankings:
+    """Accept either format (already parsed from JSON) and return the dict format."""
+    if isinstance(raw, dict):
+        rankings: Rankings = {}
+        for query, names in raw.items():
+            if not isinstance(names, list):
+                raise SubmissionError(f"entry {query!r} must be a list of gallery names, not {type(names).__name__}")
+            rankings[str(query)] = [n if isinstance(n, str) else str(n) for n in names]
+        return rankings
+    if isinstance(raw, list):
+        rankings = {}
+        for position, item in enumerate(raw):
+            if not isinstance(item, dict) or "filename" not in item or "samples" not in item:
+                raise SubmissionError(
+                    f"list entry {position} must be an object with 'filename' and 'samples', got {str(item)[:80]!r}"
+                )
+            if not isinstance(item["samples"], list):
+                raise SubmissionError(f"list entry {position} ({item['filename']!r}): 'samples' must be a list")
+            query = str(item["filename"])
+            if query in rankings:
+                raise SubmissionError(f"query {query!r} appears twice in the list")
+            rankings[query] = [n if isinstance(n, str) else str(n) for n in item["samples"]]
+        return rankings
+    raise SubmissionError("a submission must be a JSON object {query: [names]} or a list of {filename, samples}")
+
+
+def load_submission(path: str | os.PathLike) -> Rankings:
+    """Read a submission file of either format as the dict format."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except FileNotFoundError:
+        raise SubmissionError(f"submission file not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise SubmissionError(f"cannot read submission {path}: {exc}") from None
+    try:
+        return parse_submission(raw)
+    except SubmissionError as exc:
+        raise SubmissionError(f"{path}: {exc}") from None
+
+
+def to_list_format(rankings: Mapping[str, list[str]]) -> list[dict[str, Any]]:
+    """``{q: names}`` -> ``[{"filename": q, "samples": names}]`` in the same order."""
+    return [{"filename": query, "samples": list(names)} for query, names in rankings.items()]
+
+
+def save_submission(path: str | os.PathLike, rankings: Mapping[str, list[str]], fmt: str = "dict") -> Path:
+    """Write ``rankings`` atomically in ``fmt`` (``dict`` or ``list``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
+    payload: Any = dict(rankings) if fmt == "dict" else to_list_format(rankings)
+    return write_json(path, payload)
+
+
+def validate_submission(
+    rankings: Mapping[str, list[str]],
+    k: int | None = 10,
+    query_names: Iterable[str] | None = None,
+    gallery_names: Iterable[str] | None = None,
+) -> list[str]:
+    """Problems with ``rankings``, one readable line each (empty list: valid).
+
+    Checks every entry is a list of exactly ``k`` distinct, non-empty names; with ``query_names`` that every query
+    is known and none is missing; with ``gallery_names`` that every ranked name is in the gallery.
+    """
+    problems: list[str] = []
+    known_queries = set(query_names) if query_names is not None else None
+    gallery = set(gallery_names) if gallery_names is not None else None
+    if not rankings:
+        problems.append("the submission has no query")
+    for query, names in rankings.items():
+        if not query:
+            problems.append("an entry has an empty query name")
+        if not isinstance(names, list):
+            problems.append(f"{query}: not a list of names")
+            continue
+        if k is not None and len(names) != k:
+            problems.append(f"{query}: {len(names)} names, expected {k}")
+        empty = sum(1 for n in names if not isinstance(n, str) or not n.strip())
+        if empty:
+            problems.append(f"{query}: {empty} empty name(s)")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            problems.append(f"{query}: duplicate names {duplicates[:5]}")
+        if gallery is not None:
+            unknown = [n for n in names if n not in gallery]
+            if unknown:
+                problems.append(f"{query}: {len(unknown)} name(s) not in the gallery, e.g. {unknown[:3]}")
+        if known_queries is not None and query not in known_queries:
+            problems.append(f"{query}: not a known query")
+    if known_queries is not None:
+        missing = sorted(known_queries - set(rankings))
+        if missing:
+            problems.append(f"{len(missing)} query(ies) missing, e.g. {missing[:5]}")
+    return problems
