@@ -13,6 +13,7 @@ from typing import Sequence
 
 VERB_MODULES = [
     "helpers.cli.core",
+    "helpers.cli.serve",
 ]
 
 #: Exceptions that mean "bad input": printed as one clear line, exit code 2, no traceback.
