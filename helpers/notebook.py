@@ -1,0 +1,273 @@
+"""Small helpers the notebooks call, so that each notebook stays a list of parameters, calls and assertions.
+
+- :func:`fast_mode`: the ``RETRIEVAL_FAST`` switch (``1`` fast, ``0`` full; unset: fast without a GPU);
+- :func:`choose_device`, :func:`in_colab`, :func:`colab_setup` (clone + install, never reinstalling torch);
+- :func:`project_root` and :func:`output_paths`: outputs go to ``<root>/submissions``, ``results`` and
+  ``visualizations`` whatever the kernel's working folder;
+- :func:`notebook_data`: a small real split of ``../shared/datasets`` (else the embedded demo) in fast mode, the
+  user's folder in full mode;
+- :func:`save_outputs`, :func:`metrics_frame`, :func:`check_run_outputs`: write, tabulate and check a run's files.
+
+Only the standard library is imported at module level: :func:`colab_setup` must run before the requirements are in.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from .pipeline import RetrievalRun, RunOutputs
+
+FAST_ENV = "RETRIEVAL_FAST"
+SHARED_ENV = "RETRIEVAL_SHARED_DATASETS"
+#: Packages Colab already ships (and that must not be replaced by a pip resolve): filtered out of requirements.txt.
+COLAB_KEEP = ("torch", "torchvision", "torchaudio")
+#: Fast mode's default real dataset and the size of its split (per class): small enough for a CPU in seconds.
+FAST_SOURCE = "imagenette-val"
+FAST_SPLIT = {"query_per_class": 2, "gallery_per_class": 6, "train_per_class": 6}
+#: Range of every metric in the metrics JSON (weighted_score is the course server's 0..1000 points).
+METRIC_RANGES = {"weighted_score": (0.0, 1000.0)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mode, device, environment
+# --------------------------------------------------------------------------------------------------------------
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def fast_mode(value: bool | str | None = None) -> bool:
+    """Whether the notebook runs in fast mode.
+
+    ``value`` (a notebook parameter) wins when given; else ``$RETRIEVAL_FAST``: ``1`` fast, ``0`` full; unset or
+    empty: fast where no CUDA GPU is present, full where one is.
+    """
+    if value is None:
+        value = os.environ.get(FAST_ENV, "").strip()
+        if value == "":
+            return not _cuda_available()
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "fast"):
+        return True
+    if text in ("0", "false", "no", "full"):
+        return False
+    raise ValueError(f"{FAST_ENV} must be 1 (fast) or 0 (full), not {value!r}")
+
+
+def choose_device(device: str = "auto") -> str:
+    """The device every cell uses (``auto``: CUDA, else MPS, else CPU), as a string such as ``"cuda"``."""
+    from .models import resolve_device
+
+    return str(resolve_device(device))
+
+
+def in_colab() -> bool:
+    """True inside Google Colab."""
+    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+
+
+def colab_requirements(requirements: str | os.PathLike, keep: Sequence[str] = COLAB_KEEP) -> list[str]:
+    """The lines of ``requirements`` minus ``keep`` (torch, torchvision: Colab's builds stay) and ``-e .``."""
+    lines = []
+    for raw in Path(requirements).read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line or line.startswith(("-e", "--editable")):
+            continue
+        name = line.split(";", 1)[0]
+        for sep in ("[", "=", "<", ">", "!", "~", " "):
+            name = name.split(sep, 1)[0]
+        if name.lower().replace("_", "-") not in keep:
+            lines.append(line)
+    return lines
+
+
+def colab_setup(root: str | os.PathLike = ".", dry_run: bool = False) -> list[list[str]]:
+    """Install the requirements without touching torch, then the project itself without its dependencies.
+
+    Returns the pip commands (run unless ``dry_run``). Called by each notebook's Colab-only cell after the clone.
+    """
+    root = Path(root).resolve()
+    filtered = Path(tempfile.gettempdir()) / "requirements-colab.txt"
+    filtered.write_text("\n".join(colab_requirements(root / "requirements.txt")) + "\n", encoding="utf-8")
+    commands = [
+        [sys.executable, "-m", "pip", "install", "-q", "-r", str(filtered)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", str(root)],
+    ]
+    if not dry_run:
+        for command in commands:
+            subprocess.run(command, check=True)
+    return commands
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Folders and data
+# --------------------------------------------------------------------------------------------------------------
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: the working folder) holding ``pyproject.toml``, else
+    ``start`` itself."""
+    start = Path(start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "pyproject.toml").is_file():
+            return folder
+    return start
+
+
+def output_paths(tag: str, root: str | os.PathLike | None = None) -> dict[str, Path]:
+    """``submission``, ``metrics`` and ``grid`` paths of a run named ``tag`` under the project root."""
+    root = project_root(root)
+    return {
+        "submission": root / "submissions" / f"{tag}.json",
+        "metrics": root / "results" / f"{tag}.json",
+        "grid": root / "visualizations" / f"{tag}.png",
+    }
+
+
+def shared_datasets_dir(root: str | os.PathLike | None = None) -> Path:
+    """``$RETRIEVAL_SHARED_DATASETS``, else ``../shared/datasets`` beside the project root."""
+    env = os.environ.get(SHARED_ENV)
+    return Path(env) if env else project_root(root).parent / "shared" / "datasets"
+
+
+def fast_dataset(
+    source: str = FAST_SOURCE,
+    out: str | os.PathLike | None = None,
+    seed: int = 0,
+    **split: int,
+) -> Path:
+    """A small real dataset in the competition layout (training, query, gallery, ground truth).
+
+    Splits ``<shared datasets>/<source>`` with :func:`helpers.data.split_dataset` (sizes: :data:`FAST_SPLIT`,
+    overridable) into ``out`` (default: a new temporary folder); where that folder is absent, writes the embedded
+    digits demo (:func:`helpers.demo.build_demo_dataset`) instead.
+    """
+    from .data import split_dataset
+    from .demo import build_demo_dataset
+
+    sizes = {**FAST_SPLIT, **split}
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="retrieval-notebook-"))
+    source_dir = shared_datasets_dir() / source
+    if source_dir.is_dir():
+        split_dataset(source_dir, out, seed=seed, **sizes)
+        print(f"fast mode: {source} split into {out}")
+    else:
+        build_demo_dataset(out, query_per_class=sizes["query_per_class"], gallery_per_class=sizes["gallery_per_class"],
+                           train_per_class=sizes["train_per_class"], seed=seed)
+        print(f"fast mode: {source_dir} is absent, using the embedded digits demo in {out}")
+    return out
+
+
+def notebook_data(fast: bool, data_dir: str | os.PathLike = "data", source: str = FAST_SOURCE, **split: int) -> Path:
+    """Fast mode: :func:`fast_dataset`; full mode: ``data_dir`` (relative to the project root), checked."""
+    if fast:
+        return fast_dataset(source, **split)
+    from .data import load_retrieval_set
+
+    path = Path(data_dir)
+    if not path.is_absolute():
+        path = project_root() / path
+    dataset = load_retrieval_set(path)  # raises a DataError naming what is missing
+    print(f"full mode: {len(dataset.query_paths)} queries, {len(dataset.gallery_paths)} gallery images in {path}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------
+def save_outputs(run: "RetrievalRun", tag: str | None = None, grid_queries: int = 6) -> "RunOutputs":
+    """Write a run's submission, metrics JSON and grid under the project root, named ``tag`` (default: the run's
+    name)."""
+    from .pipeline import save_run
+
+    paths = output_paths(tag or run.run_name)
+    return save_run(run, out=paths["submission"], metrics_out=paths["metrics"], grid_out=paths["grid"],
+                    grid_queries=grid_queries)
+
+
+def metrics_frame(runs: Mapping[str, "RetrievalRun"] | Iterable["RetrievalRun"]) -> "pd.DataFrame":
+    """One row per run (index: its name or key), one column per metric, for display."""
+    import pandas as pd
+
+    items = runs.items() if isinstance(runs, Mapping) else ((r.run_name, r) for r in runs)
+    rows = {name: {**(run.metrics or {}), "seconds": run.timings.get("total")} for name, run in items}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def maybe_submit(
+    submission: str | os.PathLike,
+    group: str = "",
+    url: str = "",
+    data: str | os.PathLike | None = None,
+    k: int = 10,
+) -> Any:
+    """Send ``submission`` with :func:`helpers.client.submit` only when both ``group`` and ``url`` are set.
+
+    Returns the client's result, or None (with a printed reason) when either is empty: notebooks never submit by
+    accident. The attempt log goes to ``<root>/submissions/submit_log.jsonl``.
+    """
+    if not (group and url):
+        print("not submitted: set GROUP_NAME and SERVER_URL in the parameters cell to send this submission")
+        return None
+    from .client import submit
+
+    log = project_root() / "submissions" / "submit_log.jsonl"
+    return submit(submission, group, url=url, data=data, k=k, log_path=log)
+
+
+def show_image(path: str | os.PathLike, width: int | None = 900) -> Any:
+    """Display a PNG inline in a notebook (returns the object, so a cell can end with it)."""
+    from IPython.display import Image
+
+    return Image(filename=str(path), width=width)
+
+
+def check_run_outputs(
+    submission: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    metrics: str | os.PathLike | None = None,
+    grids: Iterable[str | os.PathLike] = (),
+    k: int = 10,
+    min_metrics: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Assert that a run's files are right and return its metrics (empty without ``metrics``).
+
+    The submission must be valid (:func:`helpers.submission.validate_submission`: ``k`` distinct names per query,
+    every query of ``data`` present, every name in its gallery); every metric in the metrics JSON within its range
+    (0..1, ``weighted_score`` 0..1000) and at least ``min_metrics``; every grid a non-empty PNG.
+    """
+    from .data import load_retrieval_set
+    from .fileio import read_json
+    from .submission import load_submission, validate_submission
+
+    rankings = load_submission(submission)
+    dataset = load_retrieval_set(data) if data is not None else None
+    problems = validate_submission(rankings, k=k, query_names=dataset.query_names if dataset else None,
+                                   gallery_names=dataset.gallery_names if dataset else None)
+    assert not problems, f"invalid submission {submission}: {problems[:5]}"
+    values: dict[str, float] = {}
+    if metrics is not None:
+        record = read_json(metrics)
+        values = dict(record.get("metrics") or {})
+        assert values, f"{metrics} holds no metrics"
+        for key, value in values.items():
+            low, high = METRIC_RANGES.get(key, (0.0, 1.0))
+            assert low <= value <= high, f"{metrics}: {key} = {value} is outside [{low}, {high}]"
+        for key, floor in (min_metrics or {}).items():
+            assert values.get(key, float("-inf")) >= floor, f"{metrics}: {key} = {values.get(key)} < {floor}"
+    for grid in grids:
+        grid = Path(grid)
+        assert grid.is_file() and grid.stat().st_size > 0, f"grid {grid} is missing or empty"
+        assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"grid {grid} is not a PNG file"
+    return values

@@ -1,0 +1,140 @@
+"""helpers.notebook: the fast-mode switch, project root, Colab requirements, fast data and output checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import notebook
+from helpers.data import DataError, load_retrieval_set
+from helpers.notebook import (
+    check_run_outputs,
+    colab_requirements,
+    fast_dataset,
+    fast_mode,
+    maybe_submit,
+    notebook_data,
+    output_paths,
+    project_root,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False), (" 1 ", True), ("true", True), ("no", False)])
+def test_fast_mode_from_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("RETRIEVAL_FAST", value)
+    assert fast_mode() is expected
+
+
+def test_fast_mode_unset_follows_the_gpu(monkeypatch):
+    monkeypatch.delenv("RETRIEVAL_FAST", raising=False)
+    monkeypatch.setattr(notebook, "_cuda_available", lambda: True)
+    assert fast_mode() is False
+    monkeypatch.setattr(notebook, "_cuda_available", lambda: False)
+    assert fast_mode() is True
+
+
+def test_fast_mode_parameter_wins_and_bad_values_are_refused(monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_FAST", "1")
+    assert fast_mode(False) is False
+    assert fast_mode("0") is False
+    monkeypatch.setenv("RETRIEVAL_FAST", "maybe")
+    with pytest.raises(ValueError, match="RETRIEVAL_FAST must be 1"):
+        fast_mode()
+
+
+def test_project_root_from_a_subfolder_and_outside(tmp_path, monkeypatch):
+    assert project_root(ROOT / "notebooks") == ROOT
+    monkeypatch.chdir(ROOT / "notebooks")
+    assert project_root() == ROOT
+    assert output_paths("x")["metrics"] == ROOT / "results" / "x.json"
+    assert project_root(tmp_path) == tmp_path.resolve()
+
+
+def test_colab_requirements_keep_colab_torch(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# comment\ntorch>=2.6\ntorchvision>=0.21 ; python_version>'3'\ntimm>=1.0\n"
+                            "open_clip_torch>=2.24  # clip\nTorchAudio\n-e .\n\nnumpy\n")
+    assert colab_requirements(requirements) == ["timm>=1.0", "open_clip_torch>=2.24", "numpy"]
+    kept = colab_requirements(ROOT / "requirements.txt")
+    assert kept and not any(line.split(">")[0] in ("torch", "torchvision") for line in kept)
+
+
+def test_colab_setup_dry_run_never_installs_torch():
+    commands = notebook.colab_setup(ROOT, dry_run=True)
+    assert commands[-1][-3:] == ["--no-deps", "-e", str(ROOT)]
+    filtered = Path(commands[0][-1]).read_text().split()
+    assert "timm>=1.0" in filtered and not any(line.startswith("torch") for line in filtered)
+
+
+def test_fast_dataset_is_a_real_split(tmp_path, imagenette_val, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_SHARED_DATASETS", str(imagenette_val.parent))
+    out = fast_dataset(out=tmp_path / "fast")
+    dataset = load_retrieval_set(out)
+    assert len(dataset.query_paths) == 10 * notebook.FAST_SPLIT["query_per_class"]
+    assert len(dataset.gallery_paths) == 10 * notebook.FAST_SPLIT["gallery_per_class"]
+    assert len(list((out / "training").rglob("*.JPEG"))) == 10 * notebook.FAST_SPLIT["train_per_class"]
+    assert set(dataset.ground_truth) == set(dataset.query_names)
+
+
+def test_fast_dataset_falls_back_to_the_demo(tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_SHARED_DATASETS", str(tmp_path / "absent"))
+    out = fast_dataset(out=tmp_path / "demo", query_per_class=1, gallery_per_class=3, train_per_class=2)
+    dataset = load_retrieval_set(out)
+    assert len(dataset.query_paths) == 10 and len(dataset.gallery_paths) == 30
+    assert all(p.suffix == ".png" for p in dataset.query_paths)
+
+
+def test_notebook_data_full_mode_checks_the_folder(tmp_path, demo_data):
+    assert notebook_data(False, demo_data) == demo_data
+    with pytest.raises(DataError, match="data folder not found"):
+        notebook_data(False, tmp_path / "missing")
+
+
+def _write_outputs(tmp_path, rankings, metrics):
+    submission = tmp_path / "sub.json"
+    submission.write_text(json.dumps(rankings))
+    record = tmp_path / "metrics.json"
+    record.write_text(json.dumps({"metrics": metrics}))
+    return submission, record
+
+
+def test_check_run_outputs_accepts_a_good_run_and_catches_bad_ones(tmp_path, demo_data):
+    from PIL import Image
+
+    from helpers.metrics import evaluate_rankings
+
+    dataset = load_retrieval_set(demo_data)
+    good = {q: list(dict.fromkeys(dataset.ground_truth[q] + dataset.gallery_names))[:5] for q in dataset.query_names}
+    metrics = evaluate_rankings(good, dataset.ground_truth, k=5).metrics
+    submission, record = _write_outputs(tmp_path, good, metrics)
+    Image.new("RGB", (8, 8)).save(tmp_path / "grid.png")
+    assert check_run_outputs(submission, demo_data, record, [tmp_path / "grid.png"], k=5) == metrics
+    with pytest.raises(AssertionError, match="hit@1"):
+        check_run_outputs(submission, demo_data, record, k=5, min_metrics={"hit@1": 1.01})
+    with pytest.raises(AssertionError, match="invalid submission"):
+        check_run_outputs(submission, demo_data, k=10)  # 5 names per query, not 10
+
+    submission, record = _write_outputs(tmp_path, {**good, "stranger.png": dataset.gallery_names[:5]}, metrics)
+    with pytest.raises(AssertionError, match="not a known query"):
+        check_run_outputs(submission, demo_data, k=5)
+    submission, record = _write_outputs(tmp_path, {q: ["nowhere.png"] * 5 for q in good}, metrics)
+    with pytest.raises(AssertionError, match="not in the gallery"):
+        check_run_outputs(submission, demo_data, k=5)
+    submission, record = _write_outputs(tmp_path, good, {"hit@1": 1.5})
+    with pytest.raises(AssertionError, match="outside"):
+        check_run_outputs(submission, demo_data, record, k=5)
+    (tmp_path / "fake.png").write_text("not a png")
+    with pytest.raises(AssertionError, match="not a PNG"):
+        check_run_outputs(submission, demo_data, grids=[tmp_path / "fake.png"], k=5)
+    with pytest.raises(AssertionError, match="missing"):
+        check_run_outputs(submission, demo_data, grids=[tmp_path / "absent.png"], k=5)
+
+
+def test_maybe_submit_sends_nothing_without_group_and_url(tmp_path, capsys):
+    assert maybe_submit(tmp_path / "absent.json", "", "http://localhost:1/") is None
+    assert maybe_submit(tmp_path / "absent.json", "team", "") is None
+    assert "not submitted" in capsys.readouterr().out
