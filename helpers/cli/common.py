@@ -26,6 +26,16 @@ def add_model(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
                         help="pretrained weights, none (random init) or a local weight file (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="default: %(default)s")
+    parser.add_argument("--pool", default=None, metavar="MODE",
+                        help="pooling: gap|gem|max for CNNs, cls|mean|gem for ViTs, proj|gem|mean|cls for CLIP "
+                             "(default: the family's own; see `models`)")
+    parser.add_argument("--pretrained", default=None, metavar="TAG",
+                        help="open_clip weight tag for clip-* models (default: openai; e.g. laion2b_s32b_b82k)")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The family options given on the command line (``--pool``, ``--pretrained``), unset ones left out."""
+    return {key: getattr(args, key) for key in ("pool", "pretrained") if getattr(args, key, None) is not None}
 
 
 def add_k(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_data, add_k, add_model, positive_int
+from .common import add_data, add_k, add_model, model_options, positive_int
 
 
 def register(subparsers) -> None:
@@ -36,6 +36,10 @@ def register(subparsers) -> None:
     p.add_argument("--metrics-out", metavar="FILE", help="metrics JSON path (default: results/<run>.json)")
     p.add_argument("--grid", metavar="FILE", help="also write a PNG grid of the first queries here")
     p.add_argument("--tta", choices=("none", "flip", "multiscale"), default="none", help="test-time augmentation")
+    p.add_argument("--text-modifier", metavar="TEXT",
+                   help="composed queries (CLIP models): add this text to every query image, e.g. \"in red\"")
+    p.add_argument("--text-weight", type=float, default=0.5, metavar="W",
+                   help="weight of --text-modifier in the normalised sum, 0 (image) to 1 (text) (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     p.add_argument("--cache-dir", metavar="DIR", help="embedding cache folder (default: ~/.cache/image-retrieval)")
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: automatic)")
@@ -101,6 +105,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         args.data, model=args.model, weights=args.weights, k=args.k, batch_size=args.batch_size,
         device=args.device, use_cache=not args.no_cache, cache_dir=args.cache_dir, tta=args.tta,
         num_workers=args.workers, progress=not args.quiet, run_name=args.run_name,
+        model_options=model_options(args),
+        text_modifier=args.text_modifier, text_weight=args.text_weight,
     )
     outputs = save_run(run, out=args.out, fmt=args.format, metrics_out=args.metrics_out, grid_out=args.grid)
     skipped = len(run.query.skipped) + len(run.gallery.skipped)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,6 +67,14 @@ class ModelSpec:
     ``build(spec, weights, options) -> nn.Module`` returns a network whose ``forward`` maps a batch (B, 3, H, W)
     to features (B, embed_dim). ``weights`` is ``"pretrained"`` or ``"none"``; local files are loaded afterwards
     by :func:`load_model`.
+
+    A network may refine the spec for the chosen options (:func:`load_model` honours these attributes):
+    ``embed_dim`` (int; e.g. a pooling that changes the width), ``preprocessing`` (:class:`Preprocessing`; e.g. a
+    pass-through model whose config is only known once loaded), ``adapt_state_dict(state) -> state`` (accept a
+    published weight file whose keys lack the wrapper's prefix or carry a classifier), ``wrap_transform(base)``
+    (a PIL-level step before the tensor transform, e.g. face cropping) and ``loads_own_weights`` with
+    ``load_weights_path(path)`` (a folder such as a Hugging Face ``save_pretrained`` output).
+    ``options`` names the keyword options the family accepts (anything else is refused with a clear message).
     """
 
     name: str
@@ -80,6 +88,7 @@ class ModelSpec:
     pools: tuple[str, ...] = ()
     channels_last: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    options: tuple[str, ...] = ("pool",)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -153,7 +162,9 @@ class EmbeddingModel(nn.Module):
         return self.options.get("pool", self.spec.default_pool)
 
     def transform(self) -> Callable:
-        return self.preprocessing.transform()
+        base = self.preprocessing.transform()
+        wrap = getattr(self.network, "wrap_transform", None)
+        return wrap(base) if callable(wrap) else base
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(images)
@@ -213,6 +224,17 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def pretrained_download_error(name: str, source: str, exc: BaseException, hint: str = "") -> ModelError:
+    """The error for published weights that could not be fetched (no network, a firewall, an unknown tag...)."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelError(
+        f"cannot fetch the pretrained weights of {name} from {source} ({type(exc).__name__}: {reason[:300]}). "
+        f"Without network access, download them elsewhere and pass the local file with --weights PATH"
+        + (f" ({hint})" if hint else "")
+        + ", or use --weights none for random weights."
+    )
+
+
 def save_weights(model: EmbeddingModel, path: str | os.PathLike) -> Path:
     """Save the network's state dict so that ``load_model(name, weights=path)`` reproduces it exactly."""
     from ..fileio import atomic_write
@@ -235,6 +257,10 @@ def load_model(
     """
     spec = get_spec(name)
     options = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        accepted = ", ".join(spec.options) or "none"
+        raise ModelError(f"model {spec.name} does not take the option(s) {', '.join(unknown)} (it accepts: {accepted})")
     pool = options.get("pool")
     if pool is not None and spec.pools and pool not in spec.pools:
         raise ModelError(f"model {name} supports --pool {'|'.join(spec.pools)}, not {pool!r}")
@@ -242,13 +268,27 @@ def load_model(
     if is_file and not Path(weights).exists():
         raise ModelError(f"--weights must be pretrained, none or an existing file/folder; {weights!r} not found")
     network = spec.build(spec, "none" if is_file else weights, options)
-    if is_file and not getattr(network, "loads_own_weights", False):
+    if is_file and getattr(network, "loads_own_weights", False):
+        network.load_weights_path(weights)
+    elif is_file:
+        if Path(weights).is_dir():
+            raise ModelError(f"--weights {weights} is a folder; {name} needs a weight file (.pt, .pth, .bin, .safetensors)")
         state = load_state_dict_file(weights)
+        adapt = getattr(network, "adapt_state_dict", None)
+        if callable(adapt):
+            state = adapt(state)
         missing, unexpected = network.load_state_dict(state, strict=False)
         if missing:
             raise ModelError(f"{weights} does not fit {name}: {len(missing)} missing keys, e.g. {missing[:3]}")
         if unexpected:
             raise ModelError(f"{weights} does not fit {name}: {len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
+    refined = {}
+    if isinstance(getattr(network, "embed_dim", None), int) and network.embed_dim != spec.embed_dim:
+        refined["embed_dim"] = int(network.embed_dim)
+    if isinstance(getattr(network, "preprocessing", None), Preprocessing) and network.preprocessing != spec.preprocessing:
+        refined["preprocessing"] = network.preprocessing
+    if refined:
+        spec = replace(spec, **refined)
     model = EmbeddingModel(spec, network, weights, options)
     model.eval()
     target = resolve_device(device)
