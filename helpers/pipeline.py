@@ -196,14 +196,19 @@ def save_run(
     grid_queries: int = 8,
 ) -> RunOutputs:
     """Write the submission (default ``submissions/<run>.json``), the metrics JSON when the run was evaluated
-    (default ``results/<run>.json``) and, when ``grid_out`` is given, a PNG grid of the first queries."""
+    (default ``results/<run>.json``) and, when ``grid_out`` is given, a PNG grid of the first queries.
+    The similarities go beside the submission as ``<name>.scores.json`` (read by ``show``)."""
     name = run.run_name
     submission_path = Path(out) if out else SUBMISSIONS_DIR / f"{name}.json"
     save_submission(submission_path, run.rankings, fmt=fmt)
+    from .viz import scores_sidecar_path, write_scores
+
+    write_scores(scores_sidecar_path(submission_path), run.scores)  # similarities for `show`: <name>.scores.json
     outputs = RunOutputs(submission=submission_path)
     if run.evaluation is not None or metrics_out:
-        outputs.metrics = write_metrics(Path(metrics_out) if metrics_out else RESULTS_DIR / f"{name}.json",
-                                        run.metrics_record())
+        record = run.metrics_record()
+        record["submission"] = str(submission_path)  # lets `report` find the rankings for its failure analysis
+        outputs.metrics = write_metrics(Path(metrics_out) if metrics_out else RESULTS_DIR / f"{name}.json", record)
     if grid_out:
         from .viz import save_run_grid
 

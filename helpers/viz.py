@@ -36,6 +36,45 @@ def _thumbnail(path: Path, size: int) -> np.ndarray:
     return canvas
 
 
+def _pyplot():
+    import matplotlib
+
+    if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "module://ipykernel")):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _draw_tile(ax, path: Path | None, label: str, color: str | None, thumb_size: int,
+               thumbs: dict | None = None) -> None:
+    """One image (or an empty cell when ``path`` is None) with a caption and, when ``color`` is set, a border."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if path is None:
+        return
+    key = (str(path), thumb_size)
+    if thumbs is not None and key in thumbs:
+        image = thumbs[key]
+    else:
+        image = _thumbnail(Path(path), thumb_size)
+        if thumbs is not None:
+            thumbs[key] = image
+    ax.imshow(image)
+    ax.set_xlabel(label, fontsize=6.5)
+    if color is not None:
+        for spine in ax.spines.values():
+            spine.set_visible(True)
+            spine.set_edgecolor(color)
+            spine.set_linewidth(3.5)
+
+
+def _verdict_color(verdict: bool | None) -> str | None:
+    return None if verdict is None else (CORRECT_COLOR if verdict else WRONG_COLOR)
+
+
 def plot_retrieval_grid(
     queries: Sequence[Path],
     ranked: Sequence[Sequence[Path]],
@@ -46,42 +85,29 @@ def plot_retrieval_grid(
 ) -> "Figure":
     """A matplotlib Figure: one row per query, the query then its ranked images with rank and similarity.
 
-    ``correct[i][j]`` True/False draws a green/red border; None draws none (no ground truth).
+    ``correct[i][j]`` True/False draws a green/red border; None draws none (no ground truth). ``scores[i]`` may be
+    None for a query whose similarities are unknown (only the rank is shown then).
     """
-    import matplotlib
-
-    if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "module://ipykernel")):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_rows = len(queries)
+    plt = _pyplot()
+    n_rows = max(len(queries), 1)
     n_cols = 1 + max((len(r) for r in ranked), default=0)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.45 * n_cols, 1.75 * n_rows), squeeze=False)
+    thumbs: dict = {}
     for row, query in enumerate(queries):
         for col in range(n_cols):
             ax = axes[row][col]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
             if col == 0:
-                path, color, label = Path(query), QUERY_COLOR, f"query\n{_short(Path(query).name)}"
+                _draw_tile(ax, Path(query), f"query\n{_short(Path(query).name)}", QUERY_COLOR, thumb_size, thumbs)
             elif col - 1 < len(ranked[row]):
                 j = col - 1
                 path = Path(ranked[row][j])
                 verdict = correct[row][j] if correct is not None else None
-                color = None if verdict is None else (CORRECT_COLOR if verdict else WRONG_COLOR)
-                similarity = f" {scores[row][j]:.3f}" if scores is not None else ""
-                label = f"#{j + 1}{similarity}\n{_short(path.name)}"
+                row_scores = scores[row] if scores is not None else None
+                similarity = f" {row_scores[j]:.3f}" if row_scores is not None and j < len(row_scores) else ""
+                _draw_tile(ax, path, f"#{j + 1}{similarity}\n{_short(path.name)}", _verdict_color(verdict),
+                           thumb_size, thumbs)
             else:
-                continue
-            ax.imshow(_thumbnail(path, thumb_size))
-            ax.set_xlabel(label, fontsize=6.5)
-            if color is not None:
-                for spine in ax.spines.values():
-                    spine.set_visible(True)
-                    spine.set_edgecolor(color)
-                    spine.set_linewidth(3.5)
+                _draw_tile(ax, None, "", None, thumb_size)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -121,11 +147,239 @@ def grid_inputs(
 
 
 def save_run_grid(run: "RetrievalRun", path: str | os.PathLike, max_queries: int = 8) -> Path:
-    """A PNG grid of the first ``max_queries`` queries of a run."""
-    queries = list(run.rankings)[:max_queries]
+    """A PNG grid of ``max_queries`` queries of a run, spread over its classes (see :func:`pick_queries`)."""
+    queries = pick_queries(list(run.rankings), max_queries, labels=run.dataset.labels,
+                           ground_truth=run.dataset.ground_truth)
     query_paths, ranked, correct = grid_inputs(
         run.rankings, run.dataset.query_dir, run.dataset.gallery_dir, run.dataset.ground_truth, queries
     )
     scores = [run.scores[q] for q in queries]
     fig = plot_retrieval_grid(query_paths, ranked, scores, correct, title=run.run_name)
     return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Choosing queries, similarity scores of a submission
+# ----------------------------------------------------------------------------------------------------------------
+def query_classes(
+    names: Sequence[str],
+    labels: Mapping[str, Mapping[str, str]] | None = None,
+    ground_truth: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, str] | None:
+    """The class of each query name: ``labels["query"]`` (``test/labels.json``), else queries that share the same
+    relevant set in ``ground_truth`` form one class; None when neither is known."""
+    if labels and isinstance(labels.get("query"), Mapping):
+        return {q: str(labels["query"].get(q, "?")) for q in names}
+    if ground_truth:
+        groups: dict[frozenset, str] = {}
+        result = {}
+        for q in names:
+            key = frozenset(ground_truth.get(q, ()))
+            result[q] = groups.setdefault(key, f"group{len(groups):03d}")
+        return result
+    return None
+
+
+def pick_queries(
+    names: Sequence[str],
+    n: int | None,
+    labels: Mapping[str, Mapping[str, str]] | None = None,
+    ground_truth: Mapping[str, Sequence[str]] | None = None,
+) -> list[str]:
+    """``n`` query names spread over the classes (round robin over classes, names in order within each class);
+    evenly spaced over the list when no class is known. ``n`` None or at least ``len(names)``: all, in order."""
+    names = list(names)
+    if n is None or n >= len(names):
+        return names
+    if n <= 0:
+        return []
+    classes = query_classes(names, labels, ground_truth)
+    if classes is None:
+        step = len(names) / n
+        return [names[int(i * step)] for i in range(n)]
+    by_class: dict[str, list[str]] = {}
+    for q in names:
+        by_class.setdefault(classes[q], []).append(q)
+    chosen: list[str] = []
+    depth = 0
+    while len(chosen) < n:
+        for members in by_class.values():
+            if depth < len(members) and len(chosen) < n:
+                chosen.append(members[depth])
+        depth += 1
+    order = {q: i for i, q in enumerate(names)}
+    return sorted(chosen, key=lambda q: (classes[q], order[q]))
+
+
+def scores_sidecar_path(submission: str | os.PathLike) -> Path:
+    """Where the similarities of a submission are kept: ``<name>.scores.json`` beside ``<name>.json``."""
+    submission = Path(submission)
+    return submission.with_name(f"{submission.stem}.scores.json")
+
+
+def write_scores(path: str | os.PathLike, scores: Mapping[str, Sequence[float]]) -> Path:
+    """Write ``{query: [similarity of each ranked name]}`` (the sidecar read by ``show``)."""
+    from .fileio import write_json
+
+    return write_json(path, {q: [round(float(s), 6) for s in row] for q, row in scores.items()}, indent=None)
+
+
+def load_scores(path: str | os.PathLike) -> dict[str, list[float]]:
+    """Read a scores sidecar; a clear ValueError when it is not ``{query: [numbers]}``."""
+    from .fileio import read_json
+
+    try:
+        raw = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read scores file {path}: {exc}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+        raise ValueError(f"scores file {path} must be a JSON object {{query: [similarities]}}")
+    try:
+        return {str(q): [float(s) for s in row] for q, row in raw.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"scores file {path}: every similarity must be a number") from None
+
+
+def similarities_from_model(
+    rankings: Mapping[str, Sequence[str]],
+    query_dir: Path,
+    gallery_dir: Path,
+    model: str = "efficientnet-lite0",
+    weights: str = "pretrained",
+    queries: Sequence[str] | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    tta: str = "none",
+    progress: bool = False,
+) -> dict[str, list[float]]:
+    """Cosine similarity of each shown query to each of its ranked names, recomputed with ``model`` (embeddings
+    come from the cache when present). A name whose image cannot be read gets NaN."""
+    from .embedding import EmbeddingCache, extract_embeddings
+    from .models import load_model
+
+    chosen = list(queries) if queries is not None else list(rankings)
+    embedder = load_model(model, weights=weights, device=device)
+    gallery_names = sorted({g for q in chosen for g in rankings[q]})
+    common = dict(batch_size=batch_size, device=device, cache=EmbeddingCache(), tta=tta, progress=progress)
+    q_result = extract_embeddings(embedder, [query_dir / q for q in chosen], desc="query", **common)
+    g_result = extract_embeddings(embedder, [gallery_dir / g for g in gallery_names if (gallery_dir / g).exists()],
+                                  desc="gallery", **common)
+    q_index = {name: i for i, name in enumerate(q_result.names)}
+    g_index = {name: i for i, name in enumerate(g_result.names)}
+    scores: dict[str, list[float]] = {}
+    for q in chosen:
+        if q not in q_index:
+            continue
+        vector = q_result.embeddings[q_index[q]]
+        scores[q] = [float(g_result.embeddings[g_index[g]] @ vector) if g in g_index else float("nan")
+                     for g in rankings[q]]
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A submission as grids, two submissions side by side
+# ----------------------------------------------------------------------------------------------------------------
+def plot_submission(
+    rankings: Mapping[str, Sequence[str]],
+    query_dir: str | os.PathLike,
+    gallery_dir: str | os.PathLike,
+    queries: Sequence[str] | int | None = 8,
+    ground_truth: Mapping[str, Sequence[str]] | None = None,
+    scores: Mapping[str, Sequence[float]] | None = None,
+    labels: Mapping[str, Mapping[str, str]] | None = None,
+    k: int | None = None,
+    thumb_size: int = 128,
+    title: str | None = None,
+) -> "Figure":
+    """A grid Figure of a submission (for notebooks): ``queries`` is a list of names, or a number of queries spread
+    over the classes, or None for all. Borders are green/red where ``ground_truth`` knows the query; the caption
+    under each image is its rank and, when ``scores`` has it, its similarity."""
+    query_dir, gallery_dir = Path(query_dir), Path(gallery_dir)
+    if queries is None or isinstance(queries, int):
+        queries = pick_queries(list(rankings), queries, labels=labels, ground_truth=ground_truth)
+    unknown = [q for q in queries if q not in rankings]
+    if unknown:
+        raise ValueError(f"query(ies) not in the submission: {unknown[:5]} (it has {len(rankings)} queries)")
+    cut = {q: list(rankings[q])[:k] if k else list(rankings[q]) for q in queries}
+    query_paths, ranked, correct = grid_inputs(cut, query_dir, gallery_dir, ground_truth, list(queries))
+    row_scores = [list(scores[q])[: len(cut[q])] if scores and q in scores else None for q in queries]
+    return plot_retrieval_grid(query_paths, ranked, row_scores, correct, thumb_size=thumb_size, title=title)
+
+
+def save_submission_grids(
+    rankings: Mapping[str, Sequence[str]],
+    query_dir: str | os.PathLike,
+    gallery_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    queries: Sequence[str] | int | None = 8,
+    per_page: int = 8,
+    prefix: str = "grid",
+    **kwargs,
+) -> list[Path]:
+    """:func:`plot_submission` written as PNG pages of ``per_page`` queries: ``<prefix>_001.png``, ...
+    (a single page is ``<prefix>.png``). ``kwargs`` go to :func:`plot_submission`."""
+    if per_page < 1:
+        raise ValueError("per_page must be at least 1")
+    if queries is None or isinstance(queries, int):
+        queries = pick_queries(list(rankings), queries, labels=kwargs.get("labels"),
+                               ground_truth=kwargs.get("ground_truth"))
+    queries = list(queries)
+    pages = [queries[i : i + per_page] for i in range(0, len(queries), per_page)] or [[]]
+    title = kwargs.pop("title", None)
+    paths = []
+    for number, page in enumerate(pages, start=1):
+        name = f"{prefix}.png" if len(pages) == 1 else f"{prefix}_{number:03d}.png"
+        page_title = title if len(pages) == 1 or not title else f"{title} ({number}/{len(pages)})"
+        fig = plot_submission(rankings, query_dir, gallery_dir, page, title=page_title, **kwargs)
+        paths.append(save_figure(fig, Path(out_dir) / name))
+    return paths
+
+
+def plot_run_comparison(
+    rankings_a: Mapping[str, Sequence[str]],
+    rankings_b: Mapping[str, Sequence[str]],
+    query_dir: str | os.PathLike,
+    gallery_dir: str | os.PathLike,
+    queries: Sequence[str],
+    ground_truth: Mapping[str, Sequence[str]] | None = None,
+    names: tuple[str, str] = ("A", "B"),
+    scores_a: Mapping[str, Sequence[float]] | None = None,
+    scores_b: Mapping[str, Sequence[float]] | None = None,
+    k: int | None = None,
+    thumb_size: int = 112,
+    title: str | None = None,
+) -> "Figure":
+    """Two runs on the same queries: for each query, a row with run A's top-k and a row with run B's top-k, the query
+    image at the start of both rows, green/red borders where ground truth is known."""
+    plt = _pyplot()
+    query_dir, gallery_dir = Path(query_dir), Path(gallery_dir)
+    missing = [q for q in queries if q not in rankings_a or q not in rankings_b]
+    if missing:
+        raise ValueError(f"query(ies) not in both submissions: {missing[:5]}")
+    cut = lambda r, q: list(r[q])[:k] if k else list(r[q])  # noqa: E731
+    n_cols = 1 + max([len(cut(r, q)) for q in queries for r in (rankings_a, rankings_b)], default=0)
+    n_rows = max(2 * len(queries), 1)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.4 * n_cols, 1.7 * n_rows), squeeze=False)
+    thumbs: dict = {}
+    for i, query in enumerate(queries):
+        relevant = set(ground_truth[query]) if ground_truth is not None and query in ground_truth else None
+        for side, (rankings, run_scores, name) in enumerate(((rankings_a, scores_a, names[0]),
+                                                             (rankings_b, scores_b, names[1]))):
+            row = 2 * i + side
+            ranked = cut(rankings, query)
+            row_scores = list(run_scores[query]) if run_scores and query in run_scores else None
+            _draw_tile(axes[row][0], query_dir / query, f"query\n{_short(query)}", QUERY_COLOR, thumb_size, thumbs)
+            axes[row][0].set_ylabel(_short(name, 16), fontsize=7, rotation=0, ha="right", va="center")
+            for col in range(1, n_cols):
+                j = col - 1
+                if j >= len(ranked):
+                    _draw_tile(axes[row][col], None, "", None, thumb_size)
+                    continue
+                verdict = None if relevant is None else ranked[j] in relevant
+                similarity = f" {row_scores[j]:.3f}" if row_scores is not None and j < len(row_scores) else ""
+                _draw_tile(axes[row][col], gallery_dir / ranked[j], f"#{j + 1}{similarity}\n{_short(ranked[j])}",
+                           _verdict_color(verdict), thumb_size, thumbs)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
