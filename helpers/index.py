@@ -1,0 +1,256 @@
+"""Gallery indexes: exact search (``exact``: :func:`helpers.search.cosine_topk`; ``flat``: FAISS ``IndexFlatIP``)
+and approximate FAISS indexes for large galleries (``hnsw``, ``ivf``), ``auto`` choosing by gallery size.
+
+All indexes work on L2-normalised float32 vectors, so inner product = cosine similarity. An approximate index
+reports its recall@10 against exact search when it is built, and every search returns ``min(k, G)`` valid gallery
+indices per query: rows where an approximate index comes back short (-1) are completed by exact search.
+FAISS is imported only when a FAISS index is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .embedding import l2_normalize
+from .fileio import write_bytes, write_json
+from .search import cosine_topk
+
+logger = logging.getLogger("helpers")
+
+INDEX_CHOICES = ("exact", "flat", "hnsw", "ivf", "auto")
+#: ``auto``: exact search up to this many gallery vectors (a brute-force pass over 100k x 1k-d is well under a
+#: second per query batch), HNSW above it, IVF above :data:`AUTO_IVF_ABOVE` (HNSW's graph costs memory).
+AUTO_EXACT_UP_TO = 100_000
+AUTO_IVF_ABOVE = 2_000_000
+#: FAISS warns when k-means gets fewer than 39 training points per centroid; below that an IVF falls back.
+MIN_POINTS_PER_CENTROID = 39
+RECALL_SAMPLE = 1000
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - faiss-cpu is a dependency
+        raise ImportError("FAISS indexes need the faiss-cpu package: pip install faiss-cpu") from exc
+    return faiss
+
+
+def _as_float32(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (n, d), got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@dataclass
+class GalleryIndex:
+    """A searchable gallery. ``kind`` is what was built (after ``auto`` or a fallback), ``requested`` what was
+    asked for; ``recall_at_10`` is the approximate index's recall@10 against exact search (None when exact)."""
+
+    kind: str
+    vectors: np.ndarray
+    faiss_index: Any = None
+    requested: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    recall_at_10: float | None = None
+    message: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.vectors)
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    def search(self, query: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, similarities) of shape (Q, min(k, G)), best first; always valid gallery indices."""
+        query = _as_float32(query, "query")
+        if query.shape[1] != self.dim:
+            raise ValueError(f"query dimension {query.shape[1]} differs from the index dimension {self.dim}")
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        if self.kind == "exact" or self.size == 0:
+            return cosine_topk(query, self.vectors, k=k)
+        k_eff = min(k, self.size)
+        if self.kind == "flat":
+            scores, idx = self.faiss_index.search(query, min(k_eff + 1, self.size))
+            return _order_flat(query, self.vectors, idx.astype(np.int64), scores.astype(np.float32), k_eff)
+        scores, idx = self.faiss_index.search(query, k_eff)
+        idx = idx.astype(np.int64)
+        short = np.nonzero((idx < 0).any(axis=1))[0]
+        if len(short):
+            # An approximate index can come back with fewer than k results (e.g. IVF probing sparse lists).
+            logger.info("%s index returned fewer than %d results for %d queries: completed by exact search",
+                        self.kind, k_eff, len(short))
+            exact_idx, exact_val = cosine_topk(query[short], self.vectors, k=k_eff)
+            idx[short], scores[short] = exact_idx, exact_val
+        return idx, scores.astype(np.float32)
+
+
+def _order_flat(query, vectors, idx, scores, k):
+    """FAISS's flat results (searched with k+1) under the project's tie rule: equal scores rank the lower index
+    first, and rows whose k-th and (k+1)-th scores tie are redone exactly over the whole gallery."""
+    order = np.lexsort((idx, -scores), axis=1)
+    idx, scores = np.take_along_axis(idx, order, axis=1), np.take_along_axis(scores, order, axis=1)
+    if idx.shape[1] > k:
+        for row in np.nonzero(scores[:, k - 1] == scores[:, k])[0]:
+            row_scores = vectors @ query[row]
+            exact = np.lexsort((np.arange(len(vectors)), -row_scores))[: idx.shape[1]]
+            idx[row], scores[row] = exact, row_scores[exact]
+    return idx[:, :k], scores[:, :k]
+
+
+def _recall_at_10(index: GalleryIndex, sample: np.ndarray) -> float:
+    k = min(10, index.size)
+    exact, _ = cosine_topk(sample, index.vectors, k=k)
+    approx, _ = index.search(sample, k=k)
+    hits = sum(len(set(a) & set(e)) for a, e in zip(approx, exact))
+    return hits / (k * len(sample))
+
+
+def default_nlist(n: int) -> int:
+    """IVF lists: 4 * sqrt(N) (FAISS's guideline of 4 to 16 * sqrt(N) centroids)."""
+    return max(1, int(round(4 * math.sqrt(n))))
+
+
+def build_index(
+    gallery: np.ndarray,
+    kind: str = "auto",
+    hnsw_m: int = 32,
+    ef_construction: int = 40,
+    ef_search: int = 128,
+    nlist: int | None = None,
+    nprobe: int = 16,
+    recall_queries: np.ndarray | None = None,
+    seed: int = 0,
+) -> GalleryIndex:
+    """Index L2-normalised ``gallery`` vectors (G, d) for inner-product search.
+
+    - ``exact``: no index, exact chunked search (:func:`helpers.search.cosine_topk`);
+    - ``flat``: FAISS ``IndexFlatIP`` (exact; same results as ``exact``);
+    - ``hnsw``: ``IndexHNSWFlat`` with ``hnsw_m`` links per node (M=32; efConstruction=40 is FAISS's default) and
+      ``ef_search`` (Malkov and Yashunin, TPAMI 2020);
+    - ``ivf``: ``IndexIVFFlat`` with ``nlist`` k-means lists (default 4 * sqrt(G)) and ``nprobe`` probed lists
+      (Jegou et al.). With fewer than 39 training vectors per list it falls back to exact search and says so;
+    - ``auto``: exact up to 100,000 vectors, HNSW up to 2,000,000, IVF above.
+
+    For an approximate index, recall@10 against exact search is measured on ``recall_queries`` (default: up to
+    1,000 gallery vectors) and logged.
+    """
+    if kind not in INDEX_CHOICES:
+        raise ValueError(f"index must be one of {INDEX_CHOICES}, not {kind!r}")
+    vectors = _as_float32(gallery, "gallery")
+    n, d = vectors.shape
+    requested = kind
+    if kind == "auto":
+        kind = "exact" if n <= AUTO_EXACT_UP_TO else "hnsw" if n <= AUTO_IVF_ABOVE else "ivf"
+    message = ""
+    params: dict[str, Any] = {}
+    if kind == "ivf":
+        nlist = default_nlist(n) if nlist is None else int(nlist)
+        if nlist < 1:
+            raise ValueError(f"nlist must be at least 1, got {nlist}")
+        if n < MIN_POINTS_PER_CENTROID * nlist:
+            message = (f"IVF with {nlist} lists needs at least {MIN_POINTS_PER_CENTROID * nlist} gallery vectors to "
+                       f"train, the gallery has {n}: using exact search instead")
+            logger.warning(message)
+            kind = "exact"
+    if kind == "exact" or n == 0:
+        return GalleryIndex("exact", vectors, None, requested, {}, None, message)
+
+    faiss = _faiss()
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        if hnsw_m < 2:
+            raise ValueError(f"HNSW M must be at least 2, got {hnsw_m}")
+        index = faiss.IndexHNSWFlat(d, int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(ef_construction)
+        index.hnsw.efSearch = int(ef_search)
+        params = {"M": int(hnsw_m), "efConstruction": int(ef_construction), "efSearch": int(ef_search)}
+    else:  # ivf
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(vectors)
+        index.nprobe = max(1, min(int(nprobe), nlist))
+        params = {"nlist": nlist, "nprobe": index.nprobe}
+    index.add(vectors)
+    built = GalleryIndex(kind, vectors, index, requested, params, None, message)
+    if kind in ("hnsw", "ivf"):
+        if recall_queries is None:
+            rng = np.random.default_rng(seed)
+            sample = vectors[np.sort(rng.choice(n, size=min(n, RECALL_SAMPLE), replace=False))]
+        else:
+            sample = _as_float32(recall_queries, "recall_queries")[:RECALL_SAMPLE]
+        built.recall_at_10 = _recall_at_10(built, sample)
+        logger.info("%s index over %d vectors %s: recall@10 against exact search %.4f",
+                    kind, n, params, built.recall_at_10)
+    return built
+
+
+def save_index(index: GalleryIndex, path: str | os.PathLike) -> Path:
+    """Write the index to ``path`` (FAISS's serialisation, or the vectors for ``exact``) and its description to
+    ``path + '.json'``, both atomically."""
+    path = Path(path)
+    meta = {"kind": index.kind, "requested": index.requested, "params": index.params,
+            "recall_at_10": index.recall_at_10, "size": index.size, "dim": index.dim, "message": index.message}
+    if index.faiss_index is not None:
+        faiss = _faiss()
+        write_bytes(path, faiss.serialize_index(index.faiss_index).tobytes())
+        # HNSW and IVF keep their own copy of the vectors; the exact completion of short rows needs them too.
+        write_bytes(Path(f"{path}.vectors.npy"), _npy_bytes(index.vectors))
+    else:
+        write_bytes(path, _npy_bytes(index.vectors))
+    write_json(Path(f"{path}.json"), meta)
+    return path
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def load_index(path: str | os.PathLike) -> GalleryIndex:
+    """Read an index written by :func:`save_index`."""
+    path = Path(path)
+    meta_path = Path(f"{path}.json")
+    if not path.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"no saved index at {path} (expected {path} and {meta_path}); build one first")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    kind = meta["kind"]
+    if kind == "exact":
+        vectors = np.load(path, allow_pickle=False)
+        faiss_index = None
+    else:
+        faiss = _faiss()
+        faiss_index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
+        vectors = np.load(Path(f"{path}.vectors.npy"), allow_pickle=False)
+        if kind == "hnsw":
+            faiss_index.hnsw.efSearch = int(meta["params"].get("efSearch", faiss_index.hnsw.efSearch))
+        if kind == "ivf":
+            faiss_index.nprobe = int(meta["params"].get("nprobe", faiss_index.nprobe))
+    return GalleryIndex(kind, vectors, faiss_index, meta.get("requested", kind), meta.get("params", {}),
+                        meta.get("recall_at_10"), meta.get("message", ""))
+
+
+def index_search(
+    query: np.ndarray, gallery: np.ndarray, k: int = 10, kind: str = "exact", **options: Any
+) -> tuple[np.ndarray, np.ndarray, GalleryIndex]:
+    """Build an index of ``gallery`` and search ``query`` in it (recall measured on the queries)."""
+    query = l2_normalize(query) if len(query) else _as_float32(query, "query")
+    index = build_index(gallery, kind=kind, recall_queries=query if len(query) else None, **options)
+    idx, val = index.search(query, k=k)
+    return idx, val, index
