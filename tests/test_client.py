@@ -1,0 +1,302 @@
+"""submit.py / helpers.client against an independent mock of the course server on loopback (127.0.0.1 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from helpers import client
+from helpers.data import load_retrieval_set
+from helpers.submission import load_submission, save_submission
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBMIT = ROOT / "submit.py"
+LOG = Path("submissions") / "submit_log.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch):
+    """Requests to 127.0.0.1 never go through a proxy configured in the environment."""
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.delenv(client.URL_ENV, raising=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The mock course server: records every request exactly and answers from a script
+# --------------------------------------------------------------------------------------------------------------
+class MockCourseServer:
+    """A tiny http.server on 127.0.0.1; each answer is (status, body bytes, delay seconds); the last one repeats."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.received: list[dict] = []
+        self.release = threading.Event()
+        mock = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                mock.received.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                status, answer, delay = mock.script[min(len(mock.received), len(mock.script)) - 1]
+                if delay:
+                    mock.release.wait(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/retrieval/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+    def bodies(self) -> list[dict]:
+        return [json.loads(r["body"]) for r in self.received]
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_submit(args, cwd, env_extra=None, timeout=120):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, str(SUBMIT), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Submissions
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_run(demo_data, lite0):
+    """Real rankings of the digits demo images by the pretrained default model."""
+    from helpers.pipeline import run_retrieval
+
+    return run_retrieval(demo_data, model=lite0, k=10, device="cpu", progress=False, num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def protocol_submission(demo_data, tmp_path_factory) -> Path:
+    """A valid dict submission built from the ground truth (relevant names first), for pure protocol tests."""
+    dataset = load_retrieval_set(demo_data)
+    rankings = {}
+    for query, relevant in dataset.ground_truth.items():
+        others = [n for n in dataset.gallery_names if n not in relevant]
+        rankings[query] = (list(relevant) + others)[:10]
+    return save_submission(tmp_path_factory.mktemp("sub") / "gt_based.json", rankings)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The exact body, for both formats
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["dict", "list"])
+def test_submit_py_sends_exactly_groupname_and_images(fmt, real_run, demo_data, tmp_path):
+    path = save_submission(tmp_path / f"run_{fmt}.json", real_run.rankings, fmt=fmt)
+    raw = json.loads(path.read_text())
+    assert isinstance(raw, dict if fmt == "dict" else list)
+    answer = b'{"accuracy": 612.50}'
+    with MockCourseServer([(200, answer, 0)]) as mock:
+        done = run_submit([path, "--group", "team-7", "--url", mock.url, "--data", demo_data], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert len(mock.received) == 1
+    request = mock.received[0]
+    assert request["path"] == "/retrieval/"
+    assert request["headers"]["Content-Type"] == "application/json"
+    body = json.loads(request["body"])
+    assert set(body) == {"groupname", "images"}
+    assert body["groupname"] == "team-7"
+    queries = load_retrieval_set(demo_data).query_names
+    assert sorted(body["images"]) == sorted(queries)
+    assert all(isinstance(v, list) and len(v) == 10 and all(isinstance(n, str) for n in v)
+               for v in body["images"].values())
+    assert body["images"] == real_run.rankings
+    # the accuracy is printed as the server wrote it, not re-rounded
+    assert "accuracy: 612.50" in done.stdout
+    log = client.read_log(tmp_path / LOG)
+    assert [r["outcome"] for r in log] == ["ok"]
+    assert log[0]["sha256"] == client.file_sha256(path)
+    assert log[0]["group"] == "team-7" and log[0]["url"] == mock.url and log[0]["status"] == 200
+
+
+def test_url_comes_from_the_environment(protocol_submission, tmp_path):
+    with MockCourseServer([(200, b'{"accuracy": 1000.0}', 0)]) as mock:
+        done = run_submit([protocol_submission, "--group", "g"], cwd=tmp_path, env_extra={client.URL_ENV: mock.url})
+    assert done.returncode == 0, done.stderr
+    assert len(mock.received) == 1 and "accuracy: 1000.0" in done.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fault injection
+# --------------------------------------------------------------------------------------------------------------
+def test_server_down_exits_nonzero_in_bounded_time_and_logs_every_try(protocol_submission, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/retrieval/"
+    done = run_submit([protocol_submission, "--group", "g", "--url", url, "--retries", "2", "--backoff", "0.01",
+                       "--timeout", "2"], cwd=tmp_path, timeout=60)
+    assert done.returncode == client.EXIT_FAILED
+    assert "failed after 3 try(ies)" in done.stderr
+    log = client.read_log(tmp_path / LOG)
+    assert [(r["attempt"], r["of"], r["outcome"], r["status"]) for r in log] == [
+        (1, 3, "connection-error", None), (2, 3, "connection-error", None), (3, 3, "connection-error", None)]
+
+
+def submit_main(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return client.main([str(a) for a in args])
+
+
+def test_500_then_success_is_retried(protocol_submission, tmp_path, monkeypatch, capsys):
+    script = [(500, b'{"detail": "busy"}', 0), (200, b'{"accuracy": 733.3333333333334}', 0)]
+    with MockCourseServer(script) as mock:
+        code = submit_main([protocol_submission, "--group", "g", "--url", mock.url, "--retries", "3",
+                            "--backoff", "0.01"], tmp_path, monkeypatch)
+    assert code == 0
+    assert len(mock.received) == 2 and mock.received[0]["body"] == mock.received[1]["body"]
+    assert "accuracy: 733.3333333333334" in capsys.readouterr().out
+    log = client.read_log(tmp_path / LOG)
+    assert [(r["outcome"], r["status"]) for r in log] == [("http-error", 500), ("ok", 200)]
+    assert log[1]["accuracy"] == 733.3333333333334
+
+
+def test_slow_answer_past_the_timeout_is_a_failed_try(protocol_submission, tmp_path, monkeypatch, capsys):
+    with MockCourseServer([(200, b'{"accuracy": 1.0}', 30)]) as mock:
+        code = submit_main([protocol_submission, "--group", "g", "--url", mock.url, "--timeout", "0.4",
+                            "--retries", "1", "--backoff", "0.01"], tmp_path, monkeypatch)
+        assert len(mock.received) == 2
+    assert code == client.EXIT_FAILED
+    log = client.read_log(tmp_path / LOG)
+    assert [r["outcome"] for r in log] == ["timeout", "timeout"]
+    assert "timeout" in capsys.readouterr().err
+
+
+def test_non_json_answer_is_shown_shortened_and_not_retried(protocol_submission, tmp_path, monkeypatch, capsys):
+    page = b"<html><body>" + b"x" * 5000 + b"</body></html>"
+    with MockCourseServer([(200, page, 0)]) as mock:
+        code = submit_main([protocol_submission, "--group", "g", "--url", mock.url, "--retries", "3",
+                            "--backoff", "0.01"], tmp_path, monkeypatch)
+    assert code == client.EXIT_FAILED
+    assert len(mock.received) == 1
+    err = capsys.readouterr().err
+    assert "<html><body>xxx" in err and "more characters]" in err and len(err) < 2000
+    log = client.read_log(tmp_path / LOG)
+    assert [r["outcome"] for r in log] == ["bad-answer"]
+    assert log[0]["answer"].startswith("<html><body>") and len(log[0]["answer"]) < 1000
+
+
+def test_json_answer_without_accuracy_is_a_failure(protocol_submission, tmp_path, monkeypatch, capsys):
+    with MockCourseServer([(200, b'{"error": "unknown group"}', 0)]) as mock:
+        code = submit_main([protocol_submission, "--group", "g", "--url", mock.url, "--backoff", "0.01"],
+                           tmp_path, monkeypatch)
+    assert code == client.EXIT_FAILED and len(mock.received) == 1
+    assert '{"error": "unknown group"}' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+def test_4xx_is_never_retried(status, protocol_submission, tmp_path, monkeypatch, capsys):
+    with MockCourseServer([(status, b'{"error": "bad payload"}', 0), (200, b'{"accuracy": 1.0}', 0)]) as mock:
+        code = submit_main([protocol_submission, "--group", "g", "--url", mock.url, "--retries", "3",
+                            "--backoff", "0.01"], tmp_path, monkeypatch)
+    assert code == client.EXIT_FAILED
+    assert len(mock.received) == 1
+    assert f"HTTP {status}" in capsys.readouterr().err
+    assert [(r["outcome"], r["status"]) for r in client.read_log(tmp_path / LOG)] == [("http-error", status)]
+
+
+def test_backoff_doubles_up_to_the_cap(protocol_submission, tmp_path):
+    waits: list[float] = []
+    url = f"http://127.0.0.1:{free_port()}/retrieval/"
+    result = client.submit(protocol_submission, "g", url=url, retries=4, backoff=0.5, max_backoff=3.0,
+                           timeout=2, log_path=tmp_path / "log.jsonl", echo=None, sleep=waits.append)
+    assert not result.ok and result.sent and len(result.attempts) == 5
+    assert waits == [0.5, 1.0, 2.0, 3.0]
+    assert len(client.read_log(tmp_path / "log.jsonl")) == 5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation, --force, --dry-run
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def broken_submission(protocol_submission, tmp_path) -> Path:
+    rankings = load_submission(protocol_submission)
+    queries = list(rankings)
+    rankings[queries[0]] = rankings[queries[0]][:9]  # 9 names
+    rankings[queries[1]][3] = rankings[queries[1]][2]  # a duplicate
+    rankings[queries[2]][5] = ""  # an empty name
+    return save_submission(tmp_path / "broken.json", rankings, fmt="list")
+
+
+def test_invalid_submission_lists_problems_and_sends_nothing(broken_submission, tmp_path, monkeypatch, capsys):
+    with MockCourseServer([(200, b'{"accuracy": 1.0}', 0)]) as mock:
+        code = submit_main([broken_submission, "--group", "g", "--url", mock.url], tmp_path, monkeypatch)
+        assert code == client.EXIT_NOT_SENT and mock.received == []
+        err = capsys.readouterr().err
+        assert "3 problem(s), nothing sent" in err
+        assert "9 names, expected 10" in err and "duplicate names" in err and "1 empty name(s)" in err
+        code = submit_main([broken_submission, "--group", "g", "--url", mock.url, "--force"], tmp_path, monkeypatch)
+        assert code == 0 and len(mock.received) == 1
+    sent = mock.bodies()[0]
+    assert sent["images"] == load_submission(broken_submission)
+
+
+def test_data_option_checks_names_exist(protocol_submission, demo_data, tmp_path, monkeypatch, capsys):
+    rankings = load_submission(protocol_submission)
+    first = next(iter(rankings))
+    rankings[first][9] = "not_in_gallery.png"
+    rankings["stranger.png"] = rankings[first]
+    path = save_submission(tmp_path / "names.json", rankings)
+    assert submit_main([path, "--group", "g", "--dry-run"], tmp_path, monkeypatch) == 0  # well-formed
+    code = submit_main([path, "--group", "g", "--dry-run", "--data", demo_data], tmp_path, monkeypatch)
+    err = capsys.readouterr().err
+    assert code == client.EXIT_NOT_SENT
+    assert "not in the gallery" in err and "stranger.png: not a known query" in err
+
+
+def test_dry_run_prints_a_summary_and_sends_nothing(protocol_submission, tmp_path, monkeypatch, capsys):
+    with MockCourseServer([(200, b'{"accuracy": 1.0}', 0)]) as mock:
+        code = submit_main([protocol_submission, "--group", "g", "--url", mock.url, "--dry-run"], tmp_path,
+                           monkeypatch)
+    assert code == 0 and mock.received == []
+    n = len(load_submission(protocol_submission))
+    out = capsys.readouterr().out
+    assert f"{n} queries, names per query: 10" in out and "groupname: 'g'" in out and "nothing sent" in out
+    assert not (tmp_path / LOG).exists()
+
+
+def test_empty_group_and_bad_url_are_refused(protocol_submission, tmp_path, monkeypatch, capsys):
+    assert submit_main([protocol_submission, "--group", " "], tmp_path, monkeypatch) == client.EXIT_NOT_SENT
+    assert "group name is empty" in capsys.readouterr().err
+    assert submit_main([protocol_submission, "--group", "g", "--url", "tatooine:3001"], tmp_path,
+                       monkeypatch) == client.EXIT_NOT_SENT
+    assert "http://" in capsys.readouterr().err
+    assert submit_main([tmp_path / "absent.json", "--group", "g"], tmp_path, monkeypatch) == client.EXIT_NOT_SENT
+    assert "not found" in capsys.readouterr().err
