@@ -131,7 +131,10 @@ def forward_tta(model: EmbeddingModel, images: torch.Tensor, tta: str = "none") 
     """Embeddings of a preprocessed batch under test-time augmentation (before the final L2 normalisation).
 
     ``flip``: mean of the L2-normalised embeddings of the image and its horizontal mirror. ``multiscale``: the
-    image at scales 1, 1/sqrt(2), 1/2 (Radenovic et al.), their L2-normalised embeddings averaged.
+    image at scales 1, 1/sqrt(2), 1/2, their L2-normalised embeddings combined by a power mean
+    ``(mean_s v_s^p)^(1/p)`` as in Radenovic et al. (TPAMI 2019; the authors' ``extract_ms``), with ``p`` the
+    model's GeM exponent and ``p = 1`` (the plain mean) for other poolings; the signed form
+    ``sign(m)|m|^(1/p)``, ``m = mean(sign(v)|v|^p)``, keeps negative components. Queries and gallery get the same.
     """
     if tta == "none":
         return model(images)
@@ -148,11 +151,27 @@ def forward_tta(model: EmbeddingModel, images: torch.Tensor, tta: str = "none") 
         ]
     else:
         raise ValueError(f"tta must be one of {TTA_CHOICES}, not {tta!r}")
+    p = multiscale_power(model) if tta == "multiscale" else 1.0
     total = None
     for view in views:
         emb = torch.nn.functional.normalize(model(view).float(), dim=-1)
+        if p != 1.0:
+            emb = emb.sign() * emb.abs().pow(p)
         total = emb if total is None else total + emb
-    return total / len(views)
+    mean = total / len(views)
+    return mean if p == 1.0 else mean.sign() * mean.abs().pow(1.0 / p)
+
+
+def multiscale_power(model: torch.nn.Module) -> float:
+    """The power of the multi-scale mean: the first GeM pooling's exponent p in ``model``, else 1 (Radenovic et
+    al. use the network's GeM p, and the plain mean for other poolings)."""
+    from .models.pooling import GeM
+
+    for module in model.modules():
+        if isinstance(module, GeM):
+            p = module.p
+            return float(p.detach()) if isinstance(p, torch.Tensor) else float(p)
+    return 1.0
 
 
 @dataclass
@@ -204,7 +223,8 @@ def extract_embeddings(
     if next(model.parameters(), torch.empty(0)).device != target:
         model.to(target)
     model.eval()
-    model_key = f"{model.cache_key()}-tta-{tta}-draft-{draft_size}"
+    tta_key = "multiscale-pmean" if tta == "multiscale" else tta  # the power mean replaced the plain mean
+    model_key = f"{model.cache_key()}-tta-{tta_key}-draft-{draft_size}"
 
     vectors: dict[int, np.ndarray] = {}
     by_folder: dict[Path, list[int]] = {}
