@@ -217,7 +217,7 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
 
 
 def submit(
-    submission: str | os.PathLike,
+    submission: str | os.PathLike | Mapping[str, Sequence[str]] | list,
     group: str,
     url: str | None = None,
     timeout: float = 30.0,
@@ -232,8 +232,12 @@ def submit(
     session=None,
     echo: Callable[[str], None] | None = print,
     sleep: Callable[[float], None] = time.sleep,
+    saved_dir: str | os.PathLike = Path("submissions") / "sent",
 ) -> SubmitResult:
     """Validate and send the submission file ``submission`` (dict or list format) for ``group``.
+
+    ``submission`` may also be the rankings themselves (either format, in memory): they are first saved as a dict-format
+    file under ``saved_dir`` (relative to the working directory), so that the log names a file and its hash.
 
     ``retries`` extra tries follow a connection error, a timeout or a 5xx answer, waiting ``backoff``, ``2*backoff``,
     ... seconds (at most ``max_backoff``); a 4xx or an answer that is not the expected JSON ends at once. ``timeout``
@@ -247,6 +251,18 @@ def submit(
     if timeout <= 0:
         raise SubmitError(f"--timeout must be positive, got {timeout}")
     target = resolve_url(url)
+    if not isinstance(group, str) or not group.strip():
+        raise SubmitError("the group name is empty: pass --group NAME (the name your team registered)")
+    if isinstance(submission, (Mapping, list)):  # rankings in memory (a notebook): saved first, for the log
+        from .submission import parse_submission, save_submission
+
+        try:
+            in_memory = parse_submission(submission)
+        except SubmissionError as exc:
+            raise SubmitError(str(exc)) from None
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        safe_group = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(group))[:40] or "group"
+        submission = save_submission(Path(saved_dir) / f"{stamp}_{safe_group}.json", in_memory)
     path = Path(submission)
     try:
         rankings = load_submission(path)

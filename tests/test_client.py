@@ -300,3 +300,18 @@ def test_empty_group_and_bad_url_are_refused(protocol_submission, tmp_path, monk
     assert "http://" in capsys.readouterr().err
     assert submit_main([tmp_path / "absent.json", "--group", "g"], tmp_path, monkeypatch) == client.EXIT_NOT_SENT
     assert "not found" in capsys.readouterr().err
+
+
+def test_rankings_in_memory_are_saved_then_sent(protocol_submission, tmp_path, monkeypatch):
+    """The notebook path: helpers.client.submit(rankings, group) keeps a file of what it sent."""
+    monkeypatch.chdir(tmp_path)
+    rankings = load_submission(protocol_submission)
+    as_list = [{"filename": q, "samples": names} for q, names in rankings.items()]
+    with MockCourseServer([(200, b'{"accuracy": 1000.0}', 0)]) as mock:
+        result = client.submit(as_list, "notebook-team", url=mock.url, echo=None)
+    assert result.ok and result.accuracy == 1000.0 and result.exit_code == 0
+    assert mock.bodies() == [{"groupname": "notebook-team", "images": rankings}]
+    saved = sorted((tmp_path / "submissions" / "sent").glob("*_notebook-team.json"))
+    assert len(saved) == 1 and load_submission(saved[0]) == rankings
+    log = client.read_log(tmp_path / LOG)
+    assert log[0]["sha256"] == client.file_sha256(saved[0]) and log[0]["outcome"] == "ok"
