@@ -287,14 +287,10 @@ class SplitSummary:
 
 
 def _place(source: Path, target: Path) -> None:
-    """Hard-link ``source`` to ``target`` where possible (fast, no extra disk), else copy it."""
+    """Copy ``source`` to ``target`` with its timestamps (a copy, never a link: editing the split must not touch
+    the source dataset)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        target.unlink()
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+    shutil.copy2(source, target)
 
 
 def _unique_names(items: Iterable[tuple[Path, str]]) -> tuple[dict[Path, str], int]:

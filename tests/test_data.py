@@ -1,0 +1,176 @@
+"""Listing, robust loading of real-world images, retrieval sets and ``split``."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers.data import (
+    DataError,
+    ImageLoadError,
+    list_class_folder,
+    list_images,
+    load_image,
+    load_retrieval_set,
+    split_dataset,
+)
+from tests.conftest import shared_dataset
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    """A real photo (an Imagenette validation image)."""
+    root = shared_dataset("imagenette-val")
+    first_class = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    return Image.open(sorted(first_class.iterdir())[0]).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory, photo):
+    """Valid images in every awkward mode beside every kind of broken file."""
+    folder = tmp_path_factory.mktemp("messy")
+    photo.save(folder / "plain photo é.JPG")
+    photo.convert("CMYK").save(folder / "cmyk.jpg")
+    grey16 = (np.asarray(photo.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(grey16).save(folder / "grey16.png")
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "rgba.png")
+    photo.convert("LA").save(folder / "la.png")
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.gif")
+    photo.save(folder / "lossless.webp")
+    photo.save(folder / "scan.tiff")
+    photo.save(folder / "bitmap.bmp")
+    # EXIF orientation 6: the stored pixels are landscape, the image is meant to be seen rotated (portrait).
+    landscape = photo.resize((120, 60))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    landscape.save(folder / "rotated.jpg", exif=exif)
+    # Broken files
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is not an image")
+    full = (folder / "plain photo é.JPG").read_bytes()
+    (folder / "truncated.jpg").write_bytes(full[: len(full) // 3])
+    corrupt = bytearray(full)
+    corrupt[200:2000] = b"\x00" * 1800
+    (folder / "corrupt.jpg").write_bytes(bytes(corrupt))
+    # Ignored entirely
+    (folder / ".DS_Store").write_bytes(b"\x00\x01")
+    (folder / "._plain.jpg").write_bytes(b"\x00\x05\x16\x07")
+    (folder / "readme.txt").write_text("not listed")
+    return folder
+
+
+def test_listing_ignores_hidden_and_matches_extensions_case_insensitively(messy_folder):
+    names = [p.name for p in list_images(messy_folder)]
+    assert "plain photo é.JPG" in names and "scan.tiff" in names and "lossless.webp" in names
+    assert not any(n.startswith(".") for n in names)
+    assert "readme.txt" not in names
+    assert names == sorted(names)
+
+
+@pytest.mark.parametrize("name", ["plain photo é.JPG", "cmyk.jpg", "grey16.png", "rgba.png", "la.png",
+                                  "palette.gif", "lossless.webp", "scan.tiff", "bitmap.bmp"])
+def test_every_valid_mode_loads_as_rgb(messy_folder, photo, name):
+    image = load_image(messy_folder / name)
+    assert image.mode == "RGB"
+    assert image.size == photo.size
+
+
+def test_sixteen_bit_is_scaled_not_clipped(messy_folder, photo):
+    grey = np.asarray(load_image(messy_folder / "grey16.png"))[..., 0].astype(int)
+    reference = np.asarray(photo.convert("L")).astype(int)
+    assert np.abs(grey - reference).max() <= 1  # clipping would turn almost everything white (255)
+
+
+def test_transparency_is_composited_on_white(messy_folder, photo):
+    rgba = np.asarray(load_image(messy_folder / "rgba.png")).astype(float)
+    original = np.asarray(photo).astype(float)
+    expected = original * 128 / 255 + 255 * (1 - 128 / 255)
+    assert np.abs(rgba - expected).mean() < 2.0
+
+
+def test_exif_orientation_is_applied(messy_folder):
+    assert load_image(messy_folder / "rotated.jpg").size == (60, 120)
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [("empty.jpg", "empty file"), ("notes.jpg", "not an image"), ("truncated.jpg", "truncated"),
+     ("corrupt.jpg", "corrupt")],
+)
+def test_broken_files_raise_with_a_reason(messy_folder, name, reason):
+    with pytest.raises(ImageLoadError) as info:
+        load_image(messy_folder / name)
+    assert reason in info.value.reason
+    assert info.value.path.name == name
+
+
+def test_pixel_limit_refuses_decompression_bombs(messy_folder):
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(messy_folder / "plain photo é.JPG", max_pixels=1000)
+
+
+def test_draft_mode_keeps_at_least_the_requested_size(messy_folder):
+    big = load_image(messy_folder / "plain photo é.JPG")
+    draft = load_image(messy_folder / "plain photo é.JPG", draft_size=64)
+    assert min(draft.size) >= 64 and draft.size[0] <= big.size[0]
+
+
+def test_missing_and_empty_folders_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="data folder not found"):
+        load_retrieval_set(tmp_path / "nope")
+    (tmp_path / "test" / "query").mkdir(parents=True)
+    with pytest.raises(DataError, match="gallery folder not found"):
+        load_retrieval_set(tmp_path)
+    (tmp_path / "test" / "gallery").mkdir()
+    with pytest.raises(DataError, match="holds no image"):
+        load_retrieval_set(tmp_path)
+
+
+def test_split_is_disjoint_deterministic_and_writes_ground_truth(tmp_path):
+    source = shared_dataset("cifar10-test")  # basenames repeat across class folders
+    # 1,100 test images from 10 classes whose files are all named 0000.jpg-0999.jpg: collisions are certain
+    a = split_dataset(source, tmp_path / "a", train_per_class=3, query_per_class=10, gallery_per_class=100, seed=7)
+    split_dataset(source, tmp_path / "b", train_per_class=3, query_per_class=10, gallery_per_class=100, seed=7)
+    assert a.totals == {"query": 100, "gallery": 1000, "training": 30}
+    assert a.renamed > 0
+    listing = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())  # noqa: E731
+    assert listing(tmp_path / "a") == listing(tmp_path / "b")
+
+    data = load_retrieval_set(tmp_path / "a")
+    query, gallery = set(data.query_names), set(data.gallery_names)
+    assert len(query) == 100 and len(gallery) == 1000 and not (query & gallery)
+    labels = json.loads((tmp_path / "a" / "test" / "labels.json").read_text())
+    for q, relevant in data.ground_truth.items():
+        assert len(relevant) == 100
+        assert all(labels["gallery"][g] == labels["query"][q] for g in relevant)
+    # the same source file never lands in two parts: compare pixel content of query vs training
+    training = list_class_folder(tmp_path / "a" / "training")
+    assert len(training) == 30
+    hashes = lambda paths: {hash(Image.open(p).tobytes()) for p in paths}  # noqa: E731
+    assert not hashes(data.query_paths) & hashes([p for p, _ in training])
+
+
+def test_split_different_seed_changes_the_selection(tmp_path, imagenette_val):
+    a = split_dataset(imagenette_val, tmp_path / "a", train_per_class=0, query_per_class=1, gallery_per_class=1, seed=0)
+    b = split_dataset(imagenette_val, tmp_path / "b", train_per_class=0, query_per_class=1, gallery_per_class=1, seed=1)
+    names = lambda s: sorted(p.name for p in (s.out_dir / "test" / "query").iterdir())  # noqa: E731
+    assert names(a) != names(b)
+
+
+def test_split_refuses_output_inside_source(tmp_path, demo_data):
+    with pytest.raises(DataError):
+        split_dataset(demo_data / "training", demo_data / "training" / "out")
+
+
+def test_skips_are_logged_by_name(messy_folder, caplog):
+    from helpers.data import report_skipped
+
+    with caplog.at_level(logging.WARNING, logger="helpers"):
+        report_skipped([(messy_folder / "empty.jpg", "empty file (0 bytes)")])
+    assert "empty.jpg" in caplog.text and "1 images skipped" in caplog.text

@@ -1,0 +1,68 @@
+"""Exact cosine top-k against a naive full sort, ties, chunking, edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers.embedding import l2_normalize
+from helpers.search import cosine_topk
+
+
+def naive_topk(query: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
+    """Reference: full similarity matrix, each row sorted by (similarity desc, index asc)."""
+    sims = query.astype(np.float64) @ gallery.astype(np.float64).T
+    return np.array([sorted(range(len(row)), key=lambda j: (-row[j], j))[:k] for row in sims])
+
+
+@pytest.mark.parametrize("chunk, gallery_chunk", [(4096, None), (7, None), (5, 13), (64, 1)])
+def test_matches_naive_sort(chunk, gallery_chunk):
+    rng = np.random.default_rng(0)
+    query = l2_normalize(rng.normal(size=(37, 16)))
+    gallery = l2_normalize(rng.normal(size=(101, 16)))
+    indices, scores = cosine_topk(query, gallery, k=10, chunk_size=chunk, gallery_chunk_size=gallery_chunk)
+    np.testing.assert_array_equal(indices, naive_topk(query, gallery, 10))
+    np.testing.assert_allclose(scores, np.take_along_axis(query @ gallery.T, indices, axis=1), atol=1e-6)
+    assert np.all(np.diff(scores, axis=1) <= 1e-7)
+
+
+def test_ties_rank_the_lower_index_first_even_across_the_kth_position():
+    rng = np.random.default_rng(1)
+    base = l2_normalize(rng.normal(size=(6, 8)))
+    gallery = np.concatenate([base[[3, 1, 3, 3, 1, 3, 3, 3]], base[[0, 2, 4, 5]]])  # many exact duplicates
+    query = base[[3, 1]]
+    for gallery_chunk in (None, 3):
+        indices, _ = cosine_topk(query, gallery, k=4, gallery_chunk_size=gallery_chunk)
+        assert indices[0].tolist() == [0, 2, 3, 5]
+        assert indices[1].tolist()[:2] == [1, 4]
+        np.testing.assert_array_equal(indices, naive_topk(query, gallery, 4))
+
+
+def test_k_larger_than_gallery_returns_the_whole_gallery():
+    rng = np.random.default_rng(2)
+    query, gallery = l2_normalize(rng.normal(size=(3, 4))), l2_normalize(rng.normal(size=(5, 4)))
+    indices, _ = cosine_topk(query, gallery, k=10)
+    assert indices.shape == (3, 5)
+    assert all(sorted(row) == list(range(5)) for row in indices.tolist())
+
+
+def test_float16_and_memmap_gallery(tmp_path):
+    rng = np.random.default_rng(3)
+    query = l2_normalize(rng.normal(size=(20, 32)))
+    gallery = l2_normalize(rng.normal(size=(300, 32))).astype(np.float16)
+    path = tmp_path / "gallery.f16"
+    mm = np.memmap(path, dtype=np.float16, mode="w+", shape=gallery.shape)
+    mm[:] = gallery
+    mm.flush()
+    mapped = np.memmap(path, dtype=np.float16, mode="r", shape=gallery.shape)
+    full, _ = cosine_topk(query, gallery, k=10)
+    chunked, _ = cosine_topk(query, mapped, k=10, gallery_chunk_size=64)
+    np.testing.assert_array_equal(full, chunked)
+    np.testing.assert_array_equal(full, naive_topk(query, gallery.astype(np.float32), 10))
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="same d"):
+        cosine_topk(np.zeros((2, 3), np.float32), np.zeros((4, 5), np.float32))
+    with pytest.raises(ValueError, match="k must be"):
+        cosine_topk(np.zeros((2, 3), np.float32), np.zeros((4, 3), np.float32), k=0)
