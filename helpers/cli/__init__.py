@@ -15,6 +15,7 @@ VERB_MODULES = [
     "helpers.cli.core",
     "helpers.cli.report",
     "helpers.cli.serve",
+    "helpers.cli.text",
 ]
 
 #: Exceptions that mean "bad input": printed as one clear line, exit code 2, no traceback.
