@@ -99,8 +99,8 @@ def build_payload(rankings: Mapping[str, Sequence[str]], group: str) -> dict[str
 
 
 def encode_payload(payload: Mapping[str, Any]) -> bytes:
-    """UTF-8 JSON bytes of the body (compact, non-ASCII names kept as they are)."""
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """The body as JSON bytes, non-ASCII characters escaped (as ``json.dumps`` and ``requests`` write it by default)."""
+    return json.dumps(payload, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def check_submission(rankings: Rankings, k: int = 10, data: str | os.PathLike | None = None) -> list[str]:

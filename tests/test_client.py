@@ -315,3 +315,13 @@ def test_rankings_in_memory_are_saved_then_sent(protocol_submission, tmp_path, m
     assert len(saved) == 1 and load_submission(saved[0]) == rankings
     log = client.read_log(tmp_path / LOG)
     assert log[0]["sha256"] == client.file_sha256(saved[0]) and log[0]["outcome"] == "ok"
+
+
+def test_non_ascii_names_arrive_intact(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rankings = {"caffè_0.jpg": [f"ñandú_{i}.jpg" for i in range(10)], "東京.png": [f"写真{i}.png" for i in range(10)]}
+    with MockCourseServer([(200, b'{"accuracy": 0}', 0)]) as mock:
+        result = client.submit(rankings, "gruppo-ü", url=mock.url, echo=None)
+    assert result.ok and result.accuracy_text == "0"
+    assert mock.bodies() == [{"groupname": "gruppo-ü", "images": rankings}]
+    assert mock.received[0]["body"].isascii()
