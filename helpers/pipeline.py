@@ -19,6 +19,7 @@ from .data import DataError, RetrievalSet, load_retrieval_set
 from .embedding import EmbeddingCache, EmbeddingResult, extract_embeddings
 from .metrics import EvaluationResult, build_metrics_record, evaluate_rankings, write_metrics
 from .models import DEFAULT_MODEL, EmbeddingModel, load_model, resolve_device
+from .rerank import POSTPROCESS_DEFAULTS, align_by_path, postprocess_config, rank_gallery
 from .search import cosine_topk
 from .submission import save_submission
 
@@ -93,7 +94,7 @@ def _slug(text: str) -> str:
 def default_run_name(data_root: Path, config: dict[str, Any]) -> str:
     """``<dataset>_<model>`` plus every option that differs from its default, file-name safe."""
     parts = [Path(data_root).resolve().name, str(config.get("model", DEFAULT_MODEL))]
-    defaults = {"weights": "pretrained", "tta": "none"}
+    defaults = {"weights": "pretrained", "tta": "none", **POSTPROCESS_DEFAULTS}
     for key, default in defaults.items():
         value = config.get(key)
         if value is not None and value != default:
@@ -116,11 +117,28 @@ def run_retrieval(
     progress: bool = True,
     run_name: str | None = None,
     model_options: dict[str, Any] | None = None,
+    rerank: str = "none",
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    qe: str = "none",
+    qe_k: int = 5,
+    qe_alpha: float = 3.0,
+    dba: int = 0,
+    index: str = "exact",
+    fusion: str = "concat",
+    fusion_weights: list[float] | None = None,
 ) -> RetrievalRun:
     """Rank the gallery for every query of ``data`` and evaluate when ground truth exists.
 
     ``model`` is a registry name (built with ``weights`` and ``model_options``) or an already built model.
     Unreadable query images are left out of the submission; unreadable gallery images are never ranked.
+
+    Post-processing (:func:`helpers.rerank.rank_gallery`): ``rerank`` none|kreciprocal (``k1``, ``k2``,
+    ``lambda_value``), ``qe`` none|avg|alpha (``qe_k``, ``qe_alpha``), ``dba`` neighbours (0: off), ``index``
+    exact|flat|hnsw|ivf|auto (:mod:`helpers.index`). ``model`` may be a list: an ensemble fused by ``fusion``
+    (concat|score) with ``fusion_weights``; ``weights`` and ``model_options`` then apply to the first model, the
+    others use pretrained weights (a weight file belongs to one model).
     """
     start = time.perf_counter()
     dataset = data if isinstance(data, RetrievalSet) else load_retrieval_set(data)
@@ -128,6 +146,13 @@ def run_retrieval(
         raise ValueError("k must be at least 1")
     target = resolve_device(device)
     timings: dict[str, float] = {}
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models:
+        raise ValueError("give at least one model")
+    model, extra_models = models[0], models[1:]
+    post = dict(rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value, qe=qe, qe_k=qe_k, qe_alpha=qe_alpha,
+                dba=dba, index=index, fusion=fusion, fusion_weights=fusion_weights)
+    post_config = postprocess_config(n_models=len(models), **post)  # validates the options before any work
 
     t0 = time.perf_counter()
     embedder = model if isinstance(model, EmbeddingModel) else load_model(
@@ -139,6 +164,23 @@ def run_retrieval(
     common = dict(batch_size=batch_size, device=target, num_workers=num_workers, cache=cache, tta=tta, progress=progress)
     query = extract_embeddings(embedder, dataset.query_paths, desc="query", **common)
     gallery = extract_embeddings(embedder, dataset.gallery_paths, desc="gallery", **common)
+    extra_embedders = [m if isinstance(m, EmbeddingModel) else load_model(m, weights="pretrained", device=target)
+                       for m in extra_models]
+    extra_query, extra_gallery = [], []
+    if extra_embedders:
+        queries = [query] + [extract_embeddings(e, dataset.query_paths, desc=f"query {e.name}", **common)
+                             for e in extra_embedders]
+        galleries = [gallery] + [extract_embeddings(e, dataset.gallery_paths, desc=f"gallery {e.name}", **common)
+                                 for e in extra_embedders]
+        (query, *extra_query), (gallery, *extra_gallery) = align_by_path(queries), align_by_path(galleries)
+        extra_query, extra_gallery = [r.embeddings for r in extra_query], [r.embeddings for r in extra_gallery]
+    search_info: dict[str, Any] = {}
+
+    def postprocessed_search(query_emb: np.ndarray, gallery_emb: np.ndarray, k: int):
+        """Fusion with the other models, DBA, index, query expansion and re-ranking (``rank_gallery``)."""
+        idx, val, info = rank_gallery([query_emb, *extra_query], [gallery_emb, *extra_gallery], k=k, **post)
+        search_info.update(info)
+        return idx, val
     timings["embed_query"], timings["embed_gallery"] = query.seconds, gallery.seconds
     if len(gallery.paths) == 0:
         raise DataError(f"no gallery image of {dataset.gallery_dir} could be read")
@@ -147,7 +189,7 @@ def run_retrieval(
                        len(gallery.paths), len(gallery.paths), k)
 
     t0 = time.perf_counter()
-    indices, similarities = cosine_topk(query.embeddings, gallery.embeddings, k=k)
+    indices, similarities = postprocessed_search(query.embeddings, gallery.embeddings, k=k)
     timings["search"] = time.perf_counter() - t0
     gallery_names = gallery.names
     rankings = {q: [gallery_names[j] for j in row] for q, row in zip(query.names, indices)}
@@ -171,6 +213,10 @@ def run_retrieval(
         "cache_dtype": cache_dtype,
         "model_options": {key: str(v) for key, v in embedder.options.items()},
     }
+    config.update(post_config, search=search_info)
+    if extra_embedders:
+        model_name = "+".join([embedder.name] + [e.name for e in extra_embedders])
+        config["model"] = model_name
     if run_name:
         config["run_name"] = run_name
     model_info = {"pooling_type": embedder.pooling, "is_finetuned": False}

@@ -26,6 +26,10 @@ RERANK_CHOICES = ("none", "kreciprocal")
 QE_CHOICES = ("none", "avg", "alpha")
 FUSION_CHOICES = ("concat", "score")
 
+#: Options of :func:`rank_gallery` as the run config and ``default_run_name`` record them, with their defaults.
+POSTPROCESS_DEFAULTS = {"rerank": "none", "k1": 20, "k2": 6, "lambda": 0.3, "qe": "none", "qe_k": 5,
+                        "qe_alpha": 3.0, "dba": 0, "index": "exact", "fusion": "concat", "fusion_weights": None}
+
 #: Elements (rows x columns) of one temporary block of the chunked computations (32 MB in float64).
 _BLOCK_ELEMENTS = 4_000_000
 
@@ -402,3 +406,145 @@ def fused_score_topk(
         idx, val = topk_from_scores(torch.from_numpy(block), k_eff)
         out_idx[q0 : q0 + len(block)], out_val[q0 : q0 + len(block)] = idx, val
     return out_idx, out_val
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole post-search chain, as the pipeline runs it
+# --------------------------------------------------------------------------------------------------------------
+def rank_gallery(
+    queries: Sequence[np.ndarray],
+    galleries: Sequence[np.ndarray],
+    k: int = 10,
+    fusion: str = "concat",
+    fusion_weights: Sequence[float] | None = None,
+    dba: int = 0,
+    qe: str = "none",
+    qe_k: int = 5,
+    qe_alpha: float = 3.0,
+    rerank: str = "none",
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    index: str = "exact",
+    index_options: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Top-k gallery indices and scores for one or several models' (query, gallery) embeddings.
+
+    Order: fusion (``concat``: one embedding; ``score``: summed similarities, plain search only) -> DBA on the
+    gallery (``dba`` neighbours) -> search with ``index`` -> query expansion (``avg``/``alpha`` over ``qe_k``
+    neighbours, then search again) -> k-reciprocal re-ranking of the whole gallery (scores are then
+    ``1 - final distance``). Returns (indices, scores, info) where info says what ran (index kind, recall).
+    """
+    from .index import build_index
+
+    if len(queries) != len(galleries) or not queries:
+        raise ValueError("give one query and one gallery embedding array per model")
+    if fusion not in FUSION_CHOICES:
+        raise ValueError(f"fusion must be one of {FUSION_CHOICES}, not {fusion!r}")
+    if qe not in QE_CHOICES:
+        raise ValueError(f"qe must be one of {QE_CHOICES}, not {qe!r}")
+    if rerank not in RERANK_CHOICES:
+        raise ValueError(f"rerank must be one of {RERANK_CHOICES}, not {rerank!r}")
+    if qe != "none" and qe_k < 1:
+        raise ValueError(f"--qe-k must be at least 1 with --qe {qe}, got {qe_k}")
+    info: dict = {}
+    if len(queries) > 1 and fusion == "score":
+        if dba or qe != "none" or rerank != "none" or index not in ("exact", "flat", "auto"):
+            raise ValueError("--fusion score ranks by summed similarities (exact search only); use --fusion concat "
+                             "to combine models with --dba, --qe, --rerank or an approximate --index")
+        idx, val = fused_score_topk(queries, galleries, k=k, weights=fusion_weights)
+        info["index"] = "exact"
+        return idx, val, info
+    if len(queries) > 1:
+        query, gallery = concat_embeddings(queries, fusion_weights), concat_embeddings(galleries, fusion_weights)
+    else:
+        query, gallery = l2_normalize(queries[0]), l2_normalize(galleries[0])
+    if dba:
+        gallery = database_augmentation(gallery, k=dba)
+    if rerank != "none":
+        if qe != "none":
+            neighbours, _ = cosine_topk(query, gallery, k=qe_k)
+            query = _expand(query, gallery, qe_k, qe_alpha if qe == "alpha" else 0.0, neighbours)
+        if index not in ("exact", "auto"):
+            info["index_note"] = "k-reciprocal re-ranking computes exact distances: --index is not used"
+        idx, val = rerank_topk(query, gallery, k=k, k1=k1, k2=k2, lambda_value=lambda_value)
+        info["index"] = "exact"
+        return idx, val, info
+    built = build_index(gallery, kind=index, recall_queries=query if len(query) else None, **(index_options or {}))
+    info.update(index=built.kind, index_params=built.params)
+    if built.recall_at_10 is not None:
+        info["index_recall@10"] = built.recall_at_10
+    if built.message:
+        info["index_note"] = built.message
+    if qe != "none":
+        neighbours, _ = built.search(query, k=qe_k)
+        query = _expand(query, gallery, qe_k, qe_alpha if qe == "alpha" else 0.0, neighbours)
+    idx, val = built.search(query, k=k)
+    return idx, val, info
+
+
+def postprocess_config(
+    n_models: int = 1,
+    rerank: str = "none",
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    qe: str = "none",
+    qe_k: int = 5,
+    qe_alpha: float = 3.0,
+    dba: int = 0,
+    index: str = "exact",
+    fusion: str = "concat",
+    fusion_weights: Sequence[float] | None = None,
+) -> dict:
+    """Check :func:`rank_gallery`'s options and return the ones that matter, as a run config records them
+    (re-ranking parameters only with re-ranking, QE parameters only with QE, fusion only with several models)."""
+    from .index import INDEX_CHOICES
+
+    if rerank not in RERANK_CHOICES:
+        raise ValueError(f"rerank must be one of {RERANK_CHOICES}, not {rerank!r}")
+    if qe not in QE_CHOICES:
+        raise ValueError(f"qe must be one of {QE_CHOICES}, not {qe!r}")
+    if index not in INDEX_CHOICES:
+        raise ValueError(f"index must be one of {INDEX_CHOICES}, not {index!r}")
+    if fusion not in FUSION_CHOICES:
+        raise ValueError(f"fusion must be one of {FUSION_CHOICES}, not {fusion!r}")
+    if int(dba) != dba or dba < 0:
+        raise ValueError(f"dba (neighbours per gallery image) must be an integer >= 0, got {dba}")
+    config: dict = {"rerank": rerank, "qe": qe, "dba": int(dba), "index": index}
+    if rerank != "none":
+        _check_params(k1, k2, lambda_value)
+        config.update(k1=int(k1), k2=int(k2), **{"lambda": float(lambda_value)})
+    if qe != "none":
+        if int(qe_k) != qe_k or qe_k < 1:
+            raise ValueError(f"qe_k must be a positive integer with qe={qe}, got {qe_k}")
+        config["qe_k"] = int(qe_k)
+        if qe == "alpha":
+            config["qe_alpha"] = float(qe_alpha)
+    if fusion_weights is not None and n_models == 1 and len(list(fusion_weights)) != 1:
+        raise ValueError(f"{len(list(fusion_weights))} fusion weights for one model; give one --model per weight")
+    if n_models > 1:
+        config["fusion"] = fusion
+        if fusion_weights is not None:
+            config["fusion_weights"] = ",".join(f"{w:g}" for w in _fusion_weights(n_models, fusion_weights))
+        if fusion == "score" and (dba or qe != "none" or rerank != "none" or index not in ("exact", "flat", "auto")):
+            raise ValueError("--fusion score ranks by summed similarities (exact search only); use --fusion concat "
+                             "to combine models with --dba, --qe, --rerank or an approximate --index")
+    return config
+
+
+def align_by_path(results: Sequence) -> list:
+    """Embedding results of several models over the same files (objects with ``paths`` and ``embeddings`` in
+    input order, as :func:`helpers.embedding.extract_embeddings` returns), restricted to the files every model
+    could read, in the same order."""
+    import dataclasses
+
+    common = set.intersection(*(set(r.paths) for r in results))
+    out = []
+    for r in results:
+        if len(r.paths) == len(common):
+            out.append(r)
+            continue
+        keep = [i for i, path in enumerate(r.paths) if path in common]
+        out.append(dataclasses.replace(r, embeddings=r.embeddings[keep], paths=[r.paths[i] for i in keep]))
+    return out

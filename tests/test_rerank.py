@@ -270,3 +270,62 @@ def test_fusion_rejects_mismatched_weights():
         concat_embeddings([a, a], [1.0])
     with pytest.raises(ValueError, match=">= 0"):
         fuse_scores([a @ a.T, a @ a.T], [1.0, -1.0])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The retrieve pipeline and verb with these options (real images, real default model)
+# --------------------------------------------------------------------------------------------------------------
+def test_run_retrieval_with_rerank_qe_dba_index_and_ensembles(tiny_split, lite0):
+    from helpers.pipeline import run_retrieval
+    from helpers.rerank import alpha_query_expansion
+
+    common = dict(k=10, device="cpu", progress=False)
+    plain = run_retrieval(tiny_split, model=lite0, **common)
+    q_emb, g_emb = plain.query.embeddings, plain.gallery.embeddings
+    names = plain.gallery.names
+
+    reranked = run_retrieval(tiny_split, model=lite0, rerank="kreciprocal", k1=8, k2=3, lambda_value=0.3, **common)
+    idx, scores = rerank_topk(q_emb, g_emb, k=10, k1=8, k2=3)
+    assert reranked.rankings == {q: [names[j] for j in row] for q, row in zip(plain.query.names, idx)}
+    first = plain.query.names[0]
+    np.testing.assert_allclose(reranked.scores[first], scores[0], atol=1e-6)  # 1 - re-ranked distance
+    assert reranked.config["rerank"] == "kreciprocal" and reranked.config["k1"] == 8
+    assert reranked.metrics["map@10"] >= 0.5  # a real split: re-ranking keeps it a good ranking
+
+    expanded = run_retrieval(tiny_split, model=lite0, qe="alpha", qe_k=3, dba=2, index="flat", **common)
+    augmented = database_augmentation(g_emb, k=2)
+    expected, _ = cosine_topk(alpha_query_expansion(q_emb, augmented, n=3), augmented, k=10)
+    assert expanded.rankings[first] == [names[j] for j in expected[0]]
+    assert expanded.config["search"]["index"] == "flat"
+
+    # An ensemble of the same model twice ranks as the model alone, by either fusion.
+    twice = run_retrieval(tiny_split, model=[lite0, lite0], fusion_weights=[0.6, 0.4], **common)
+    assert twice.rankings == plain.rankings and twice.config["fusion_weights"] == "0.6,0.4"
+    scored = run_retrieval(tiny_split, model=[lite0, lite0], fusion="score", fusion_weights=[0.6, 0.4], **common)
+    assert scored.rankings == plain.rankings
+    np.testing.assert_allclose(scored.scores[first], plain.scores[first], atol=1e-5)
+
+    run_names = {r.run_name for r in (plain, reranked, expanded, twice, scored)}
+    assert len(run_names) == 5, run_names  # different options, different files
+    assert all(len(set(r)) == 10 for r in expanded.rankings.values())
+
+
+def test_retrieve_verb_takes_the_options_and_explains_bad_ones(tiny_split, tmp_path, capsys):
+    from helpers.cli import main
+
+    sub = tmp_path / "sub.json"
+    code = main(["retrieve", "--data", str(tiny_split), "--device", "cpu", "--quiet", "--out", str(sub),
+                 "--metrics-out", str(tmp_path / "m.json"), "--rerank", "kreciprocal", "--k1", "10", "--k2", "3",
+                 "--lambda", "0.2", "--qe", "avg", "--qe-k", "2", "--index", "ivf"])
+    assert code == 0
+    import json
+
+    record = json.loads((tmp_path / "m.json").read_text())
+    assert record["config"]["lambda"] == 0.2 and record["config"]["qe"] == "avg" and record["config"]["index"] == "ivf"
+    assert len(json.loads(sub.read_text())) == 20
+    code = main(["retrieve", "--data", str(tiny_split), "--device", "cpu", "--quiet", "--out", str(sub),
+                 "--model", "efficientnet-lite0", "--fusion-weights", "0.6,0.4"])
+    assert code == 2 and "one weight per model" in capsys.readouterr().err
+    code = main(["retrieve", "--data", str(tiny_split), "--device", "cpu", "--quiet", "--out", str(sub),
+                 "--model", "efficientnet-lite0", "--model", "efficientnet-lite0", "--fusion", "score", "--qe", "avg"])
+    assert code == 2 and "--fusion concat" in capsys.readouterr().err

@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("retrieve", help="rank the gallery for every query; evaluate if ground truth exists")
     add_data(p)
-    add_model(p)
+    add_model(p, multiple=True)
     add_k(p)
     p.add_argument("--out", metavar="FILE", help="submission path (default: submissions/<run>.json)")
     p.add_argument("--format", choices=("dict", "list"), default="dict", help="submission format (default: dict)")
@@ -45,6 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: automatic)")
     p.add_argument("--run-name", help="name used for default output files")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_postprocessing(p)
     p.set_defaults(func=cmd_retrieve)
 
     p = subparsers.add_parser("evaluate", help="score a submission file against ground truth")
@@ -102,9 +103,12 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     from ..pipeline import run_retrieval, save_run
 
     run = run_retrieval(
-        args.data, model=args.model, weights=args.weights, k=args.k, batch_size=args.batch_size,
+        args.data, model=retrieve_models(args), weights=args.weights, k=args.k, batch_size=args.batch_size,
         device=args.device, use_cache=not args.no_cache, cache_dir=args.cache_dir, tta=args.tta,
         num_workers=args.workers, progress=not args.quiet, run_name=args.run_name,
+        rerank=args.rerank, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value, qe=args.qe, qe_k=args.qe_k,
+        qe_alpha=args.qe_alpha, dba=args.dba, index=args.index, fusion=args.fusion,
+        fusion_weights=args.fusion_weights,
         model_options=model_options(args),
         text_modifier=args.text_modifier, text_weight=args.text_weight,
     )
@@ -124,6 +128,51 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     if outputs.grid:
         print(f"grid:       {outputs.grid}")
     return 0
+
+
+def add_postprocessing(p: argparse.ArgumentParser) -> None:
+    """Re-ranking, query expansion, DBA, index and ensemble options of ``retrieve`` (see helpers.rerank)."""
+    g = p.add_argument_group("re-ranking, query expansion, index, ensembles")
+    g.add_argument("--rerank", choices=("none", "kreciprocal"), default="none",
+                   help="k-reciprocal re-ranking (Zhong et al. 2017) of the whole gallery (default: none)")
+    g.add_argument("--k1", type=positive_int, default=20, help="re-ranking k1 (default: %(default)s)")
+    g.add_argument("--k2", type=positive_int, default=6, help="re-ranking k2 (default: %(default)s)")
+    g.add_argument("--lambda", dest="lambda_value", type=float, default=0.3, metavar="LAMBDA",
+                   help="re-ranking weight of the original distance, 0 to 1 (default: %(default)s)")
+    g.add_argument("--qe", choices=("none", "avg", "alpha"), default="none",
+                   help="query expansion: average (Chum et al. 2007) or alpha-weighted (Radenovic et al. 2019)")
+    g.add_argument("--qe-k", type=positive_int, default=5, metavar="N",
+                   help="neighbours used by query expansion (default: %(default)s)")
+    g.add_argument("--qe-alpha", type=float, default=3.0, metavar="ALPHA", help="alpha-QE exponent (default: 3)")
+    g.add_argument("--dba", type=int, default=0, metavar="K",
+                   help="database-side augmentation with K gallery neighbours (default: 0, off)")
+    g.add_argument("--index", choices=("exact", "flat", "hnsw", "ivf", "auto"), default="exact",
+                   help="search: exact, FAISS flat (exact), HNSW or IVF (approximate), auto by size (default: exact)")
+    g.add_argument("--fusion", choices=("concat", "score"), default="concat",
+                   help="with several --model: concatenated embeddings or summed similarities (default: concat)")
+    g.add_argument("--fusion-weights", type=fusion_weight_list, default=None, metavar="W1,W2",
+                   help="one weight per --model, e.g. 0.6,0.4 (default: equal)")
+
+
+def fusion_weight_list(text: str) -> list[float]:
+    try:
+        weights = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.6,0.4, got {text!r}") from None
+    if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise argparse.ArgumentTypeError(f"weights must be >= 0 and not all 0, got {text!r}")
+    return weights
+
+
+def retrieve_models(args: argparse.Namespace):
+    """``--model`` given once or never: one name; several times: the list (an ensemble)."""
+    from ..models import DEFAULT_MODEL
+
+    models = args.model or [DEFAULT_MODEL]
+    if args.fusion_weights is not None and len(args.fusion_weights) != len(models):
+        raise ValueError(f"--fusion-weights has {len(args.fusion_weights)} values for {len(models)} --model; "
+                         "give one weight per model")
+    return models[0] if len(models) == 1 else models
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
