@@ -170,8 +170,14 @@ def fast_dataset(
 
 
 def notebook_data(fast: bool, data_dir: str | os.PathLike = "data", source: str = FAST_SOURCE, **split: int) -> Path:
-    """Fast mode: :func:`fast_dataset`; full mode: ``data_dir`` (relative to the project root), checked."""
+    """Fast mode: :func:`fast_dataset`; full mode: ``data_dir`` (relative to the project root), checked.
+
+    Fast mode also points the embedding cache (``$RETRIEVAL_CACHE_DIR``) at a fresh temporary folder: the cells of
+    one notebook share embeddings, and randomly initialised weights never meet embeddings cached from another
+    initialisation (nor fill the user's cache).
+    """
     if fast:
+        os.environ["RETRIEVAL_CACHE_DIR"] = tempfile.mkdtemp(prefix="retrieval-notebook-cache-")
         return fast_dataset(source, **split)
     from .data import load_retrieval_set
 
@@ -181,6 +187,36 @@ def notebook_data(fast: bool, data_dir: str | os.PathLike = "data", source: str 
     dataset = load_retrieval_set(path)  # raises a DataError naming what is missing
     print(f"full mode: {len(dataset.query_paths)} queries, {len(dataset.gallery_paths)} gallery images in {path}")
     return path
+
+
+def class_names(data: str | os.PathLike) -> list[str]:
+    """The classes of a dataset: those of ``test/labels.json``, else the ``training/`` folder names (sorted)."""
+    from .data import load_retrieval_set
+
+    dataset = load_retrieval_set(data)
+    if dataset.labels:
+        return sorted(set(dataset.labels.get("gallery", {}).values()) | set(dataset.labels.get("query", {}).values()))
+    if dataset.training_dir is not None:
+        return sorted(d.name for d in dataset.training_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return []
+
+
+def class_text_queries(
+    data: str | os.PathLike, template: str = "a photo of a {}."
+) -> tuple[list[str], dict[str, list[str]]]:
+    """One text query per class (``template`` filled with the class name, underscores as spaces) and, from
+    ``test/labels.json``, its ground truth: every gallery image of that class (empty without labels)."""
+    from .data import load_retrieval_set
+
+    labels = load_retrieval_set(data).labels or {}
+    queries, truth = [], {}
+    for name in class_names(data):
+        query = template.format(name.replace("_", " "))
+        queries.append(query)
+        relevant = sorted(g for g, label in labels.get("gallery", {}).items() if label == name)
+        if relevant:
+            truth[query] = relevant
+    return queries, truth
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}")
 
 # %%
 run = run_retrieval(DATA, model=MODEL, weights=WEIGHTS, k=K, batch_size=BATCH_SIZE, device=DEVICE,
-                    use_cache=not FAST, run_name=TAG)
+                    run_name=TAG)
 outputs = save_outputs(run)
 print(format_metrics_table(run.metrics))
 print(outputs)
