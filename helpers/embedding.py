@@ -207,11 +207,14 @@ def extract_embeddings(
     draft_size: int | None = None,
     progress: bool = True,
     desc: str = "embedding",
+    backend: str = "auto",
 ) -> EmbeddingResult:
     """Embed ``paths`` with ``model`` (batched, inference mode, autocast on CUDA), L2-normalised float32.
 
     With a ``cache``, files already embedded by the same model, weights, preprocessing and TTA are read back and
-    only the rest are computed. Unreadable files are skipped and reported.
+    only the rest are computed. Unreadable files are skipped and reported. ``backend``: ``torch``, ``onnx`` (ONNX
+    Runtime on the CPU) or ``auto`` (ONNX Runtime on the CPU for 200+ images or an already exported model, else
+    torch; see :mod:`helpers.onnx_backend`). Backends agree to about 1e-6 cosine and share the cache.
     """
     from tqdm.auto import tqdm
 
@@ -259,8 +262,14 @@ def extract_embeddings(
             pin_memory=target.type == "cuda",
             persistent_workers=False,
         )
+        from .onnx_backend import resolve_backend
+
+        runner = resolve_backend(model, backend, target, n_images=len(todo))
         autocast = torch.autocast("cuda", dtype=torch.float16) if target.type == "cuda" else _null_context()
-        channels_last = model.spec.channels_last and target.type == "cuda"
+        # channels-last also speeds up eager CNNs on the CPU (about 2x for EfficientNet-Lite0 here).
+        channels_last = model.spec.channels_last and (target.type == "cuda" or runner is model)
+        if channels_last and target.type != "cuda":
+            model.to(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast, tqdm(total=len(todo), desc=desc, disable=not progress, unit="img") as bar:
             for local_indices, batch, failed in loader:
                 for local, reason in failed:
@@ -269,7 +278,7 @@ def extract_embeddings(
                     batch = batch.to(target, non_blocking=True)
                     if channels_last:
                         batch = batch.contiguous(memory_format=torch.channels_last)
-                    emb = torch.nn.functional.normalize(forward_tta(model, batch, tta).float(), dim=-1)
+                    emb = torch.nn.functional.normalize(forward_tta(runner, batch, tta).float(), dim=-1)
                     emb = emb.cpu().numpy()
                     for row, local in enumerate(local_indices):
                         computed[todo[local]] = emb[row]

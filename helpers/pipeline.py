@@ -128,10 +128,13 @@ def run_retrieval(
     index: str = "exact",
     fusion: str = "concat",
     fusion_weights: list[float] | None = None,
+    backend: str = "auto",
 ) -> RetrievalRun:
     """Rank the gallery for every query of ``data`` and evaluate when ground truth exists.
 
     ``model`` is a registry name (built with ``weights`` and ``model_options``) or an already built model.
+    ``backend``: ``auto`` (ONNX Runtime on the CPU for 200+ images, else torch), ``torch`` or ``onnx`` (see
+    :mod:`helpers.onnx_backend`).
     Unreadable query images are left out of the submission; unreadable gallery images are never ranked.
 
     Post-processing (:func:`helpers.rerank.rank_gallery`): ``rerank`` none|kreciprocal (``k1``, ``k2``,
@@ -161,9 +164,11 @@ def run_retrieval(
     timings["load_model"] = time.perf_counter() - t0
     cache = EmbeddingCache(cache_dir, dtype=cache_dtype) if use_cache else None
 
-    common = dict(batch_size=batch_size, device=target, num_workers=num_workers, cache=cache, tta=tta, progress=progress)
-    query = extract_embeddings(embedder, dataset.query_paths, desc="query", **common)
+    common = dict(batch_size=batch_size, device=target, num_workers=num_workers, cache=cache, tta=tta, progress=progress,
+                  backend=backend)
+    # The gallery first: usually the larger set, it decides whether backend "auto" exports to ONNX Runtime.
     gallery = extract_embeddings(embedder, dataset.gallery_paths, desc="gallery", **common)
+    query = extract_embeddings(embedder, dataset.query_paths, desc="query", **common)
     extra_embedders = [m if isinstance(m, EmbeddingModel) else load_model(m, weights="pretrained", device=target)
                        for m in extra_models]
     extra_query, extra_gallery = [], []
@@ -211,6 +216,7 @@ def run_retrieval(
         "tta": tta,
         "cache": use_cache,
         "cache_dtype": cache_dtype,
+        "backend": backend,
         "model_options": {key: str(v) for key, v in embedder.options.items()},
     }
     config.update(post_config, search=search_info)

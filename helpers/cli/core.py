@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     p.add_argument("--text-weight", type=float, default=0.5, metavar="W",
                    help="weight of --text-modifier in the normalised sum, 0 (image) to 1 (text) (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="CPU inference engine: onnx = ONNX Runtime, auto = ONNX Runtime for 200+ images on the CPU "
+                        "when installed, else torch (default: %(default)s)")
     p.add_argument("--cache-dir", metavar="DIR", help="embedding cache folder (default: ~/.cache/image-retrieval)")
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: automatic)")
     p.add_argument("--run-name", help="name used for default output files")
@@ -105,7 +108,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     run = run_retrieval(
         args.data, model=retrieve_models(args), weights=args.weights, k=args.k, batch_size=args.batch_size,
         device=args.device, use_cache=not args.no_cache, cache_dir=args.cache_dir, tta=args.tta,
-        num_workers=args.workers, progress=not args.quiet, run_name=args.run_name,
+        num_workers=args.workers, progress=not args.quiet, run_name=args.run_name, backend=args.backend,
         rerank=args.rerank, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value, qe=args.qe, qe_k=args.qe_k,
         qe_alpha=args.qe_alpha, dba=args.dba, index=args.index, fusion=args.fusion,
         fusion_weights=args.fusion_weights,

@@ -1,0 +1,228 @@
+"""ONNX Runtime inference for embedding models on the CPU, with an automatic fall-back to torch.
+
+On a small CPU, ONNX Runtime runs the default EfficientNet-Lite0 several times faster than eager PyTorch (it fuses
+batch norm and activations into the depthwise and pointwise convolutions). A model is exported once per input size
+with ``torch.onnx.export`` into ``$RETRIEVAL_ONNX_DIR`` (default: ``<embedding cache>/onnx``), named by a
+fingerprint of its weights, so a changed or fine-tuned network is exported again, never served stale. Each export is
+checked against torch on a fixed input (cosine >= 1 - 1e-4 per row) before it is used; any failure (no
+``onnxruntime`` or ``onnx`` package, an operator the exporter lacks, a mismatch) falls back to torch with a warning
+under ``backend="auto"`` and raises :class:`~helpers.models.ModelError` under ``backend="onnx"``.
+
+Backends agree to about 1e-6 in cosine, so the embedding cache does not distinguish them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .fileio import atomic_write, read_json, write_json
+from .models.registry import EmbeddingModel, ModelError
+
+logger = logging.getLogger("helpers")
+
+BACKEND_CHOICES = ("auto", "torch", "onnx")
+#: Below this many images to embed, ``auto`` keeps torch unless the model is already exported (an export costs
+#: a few seconds once).
+AUTO_MIN_IMAGES = 200
+#: Minimum per-row cosine between ONNX Runtime's and torch's embeddings for an export to be used.
+MIN_COSINE = 1 - 1e-4
+
+
+def onnx_dir() -> Path:
+    """``$RETRIEVAL_ONNX_DIR``, else ``onnx/`` inside the embedding cache folder."""
+    env = os.environ.get("RETRIEVAL_ONNX_DIR")
+    if env:
+        return Path(env)
+    from .embedding import default_cache_dir
+
+    return default_cache_dir() / "onnx"
+
+
+def onnx_available() -> bool:
+    """True when ONNX Runtime and the ``onnx`` package (needed by the exporter) import."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def model_fingerprint(model: EmbeddingModel) -> str:
+    """SHA-256 of the model's name, options and every parameter and buffer: identifies what an export computes."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([model.name, {k: str(v) for k, v in sorted(model.options.items())}]).encode())
+    digest.update(torch.__version__.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    denom = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    return (a * b).sum(axis=1) / denom
+
+
+class OnnxRunner:
+    """Callable like the model (``images (B, 3, H, W) -> embeddings (B, D)``), served by ONNX Runtime.
+
+    One session per input size, exported and verified on first use. ``strict=False`` (backend ``auto``) serves a
+    size whose export fails through torch with a warning; ``strict=True`` raises :class:`ModelError`.
+    ``threads``: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()``).
+    """
+
+    def __init__(self, model: EmbeddingModel, threads: int | None = None, strict: bool = False,
+                 folder: str | os.PathLike | None = None) -> None:
+        self.model = model
+        self.threads = threads or torch.get_num_threads()
+        self.strict = strict
+        self.folder = Path(folder) if folder is not None else onnx_dir()
+        self.fingerprint = model_fingerprint(model)
+        self._sessions: dict[tuple[int, int], object | None] = {}
+
+    def __getattr__(self, name: str):
+        # Everything else (spec, embed_dim, modules(), ...) is the wrapped model's: a runner stands in for it.
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def path_for(self, height: int, width: int) -> Path:
+        return self.folder / f"{self.model.name.replace('/', '_').replace(':', '_')}-{self.fingerprint}-{height}x{width}.onnx"
+
+    def is_exported(self, height: int, width: int) -> bool:
+        path = self.path_for(height, width)
+        sidecar = path.with_suffix(".json")
+        if not (path.exists() and sidecar.exists()):
+            return False
+        try:
+            return read_json(sidecar).get("verified") is True
+        except Exception:  # noqa: BLE001 - a broken sidecar means: export again
+            return False
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        if size not in self._sessions:
+            self._sessions[size] = self._open(size)
+        session = self._sessions[size]
+        if session is None:
+            return self.model(images)
+        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(session.run(None, {"images": array})[0])
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _open(self, size: tuple[int, int]):
+        try:
+            return self._session(size)
+        except Exception as exc:  # noqa: BLE001 - any exporter or runtime failure means: use torch
+            if self.strict:
+                raise ModelError(f"ONNX backend unavailable for {self.model.name} at {size[0]}x{size[1]}: {exc}. "
+                                 "Use --backend torch") from None
+            logger.warning("ONNX backend unavailable for %s at %dx%d (%s); using torch",
+                           self.model.name, size[0], size[1], exc)
+            return None
+
+    def _new_session(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def _session(self, size: tuple[int, int]):
+        import onnxruntime  # noqa: F401 - fail early with ImportError when missing
+
+        path = self.path_for(*size)
+        sidecar = path.with_suffix(".json")
+        if self.is_exported(*size):
+            return self._new_session(path)
+        self._export(path, size)
+        session = self._new_session(path)
+        probe = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, *size, generator=probe)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            expected = model(x).float().numpy()
+        model.train(was_training)
+        got = session.run(None, {"images": x.numpy()})[0]
+        cosine = float(_row_cosine(expected, got).min()) if got.shape == expected.shape else -1.0
+        if cosine < MIN_COSINE:
+            path.unlink(missing_ok=True)
+            raise ModelError(f"exported model disagrees with torch (cosine {cosine:.6f} < {MIN_COSINE})")
+        write_json(sidecar, {"model": model.name, "size": list(size), "verified": True, "min_cosine": cosine,
+                             "torch": torch.__version__})
+        return session
+
+    def _export(self, path: Path, size: tuple[int, int]) -> None:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        buffer = io.BytesIO()
+        dummy = torch.zeros(1, 3, *size)
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model, (dummy,), buffer, input_names=["images"], output_names=["embeddings"],
+                    dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+                    opset_version=17, dynamo=False,
+                )
+        finally:
+            model.train(was_training)
+        atomic_write(path, lambda f: f.write(buffer.getvalue()), mode="wb")
+        logger.info("exported %s for ONNX Runtime to %s", model.name, path)
+
+
+def resolve_backend(
+    model: EmbeddingModel,
+    backend: str = "auto",
+    device: torch.device | str = "cpu",
+    n_images: int | None = None,
+    threads: int | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What runs the forward pass: the model itself (torch) or an :class:`OnnxRunner`.
+
+    ``auto`` picks ONNX Runtime on the CPU when it is installed and either the model is already exported or at
+    least :data:`AUTO_MIN_IMAGES` images are to be embedded; otherwise torch. ``onnx`` insists (CPU only).
+    """
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, not {backend!r}")
+    device = torch.device(device)
+    if backend == "torch":
+        return model
+    if backend == "onnx":
+        if device.type != "cpu":
+            raise ModelError(f"the ONNX backend runs on the CPU; use --backend torch with --device {device}")
+        if not onnx_available():
+            raise ModelError("the ONNX backend needs the packages onnxruntime and onnx "
+                             "(pip install onnxruntime onnx), or use --backend torch")
+        return OnnxRunner(model, threads=threads, strict=True)
+    if device.type != "cpu" or not onnx_available():
+        return model
+    try:
+        runner = OnnxRunner(model, threads=threads, strict=False)
+    except Exception as exc:  # noqa: BLE001 - e.g. a model whose state cannot be fingerprinted
+        logger.warning("ONNX backend unavailable for %s (%s); using torch", model.name, exc)
+        return model
+    size = model.preprocessing.input_size
+    if n_images is not None and n_images < AUTO_MIN_IMAGES and not runner.is_exported(size, size):
+        return model
+    return runner
