@@ -2,7 +2,8 @@
 
 The page needs no server and no network: thumbnails are base64 JPEGs inside the page (each image once, in a CSS
 class, however often it is ranked), a little inline JavaScript sorts the queries by their score and filters the
-failures. The run's metrics are at the top. Borders are green (relevant) or red (not) where ground truth is known.
+failures; ``page.html#sort=weighted`` (or ``ap``, ``top1sim``, ``query``, with ``-desc`` for descending) opens it
+sorted. The run's metrics are at the top. Borders are green (relevant) or red (not) where ground truth is known.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ table.metrics{border-collapse:collapse;margin:8px 0 12px;font-size:13px}
 table.metrics td,table.metrics th{border:1px solid #ddd;padding:3px 9px;text-align:right;background:#fff}
 .controls{position:sticky;top:0;background:#fafafa;padding:6px 0;border-bottom:1px solid #ddd;font-size:13px;z-index:2}
 .controls button{margin-right:4px}.controls .count{color:#666;margin-left:8px}
-.q{display:flex;align-items:flex-start;gap:6px;padding:8px 0;border-bottom:1px solid #eee}
+.q{display:flex;flex-wrap:wrap;align-items:flex-start;gap:6px;padding:8px 0;border-bottom:1px solid #eee}
 .qinfo{width:120px;flex:none;font-size:11px;word-break:break-all}.qinfo b{font-size:12px}
 .cell{width:{T}px;flex:none;text-align:center;font-size:10px;line-height:1.25;word-break:break-all}
 .t{display:block;width:{T}px;height:{T}px;background-size:contain;background-repeat:no-repeat;
@@ -48,6 +49,13 @@ function sortBy(key, desc){
   });
   items.forEach(e=>box.appendChild(e));
 }
+function applyHash(){
+  // deep link: page.html#sort=weighted (ascending) or #sort=weighted-desc; keys: weighted, ap, top1sim, query
+  const m = /sort=([a-z0-9]+)(-desc)?/.exec(location.hash);
+  if(m) sortBy(m[1], !!m[2]);
+}
+document.addEventListener('DOMContentLoaded', applyHash);
+window.addEventListener('hashchange', applyHash);
 function onlyFailures(on){
   let shown=0;
   document.querySelectorAll('#queries .q').forEach(e=>{
@@ -193,3 +201,11 @@ def build_html_report(
 def write_html_report(path: str | os.PathLike, *args, **kwargs) -> Path:
     """Write :func:`build_html_report` (same arguments) atomically to ``path``."""
     return write_text(path, build_html_report(*args, **kwargs))
+
+
+def write_run_html(run, path: str | os.PathLike, **kwargs) -> Path:
+    """The page of a :class:`helpers.pipeline.RetrievalRun` (every query, its similarities and ground truth)."""
+    info = {"model": run.model_name, "data": str(run.dataset.root)}
+    return write_html_report(path, run.rankings, run.dataset.query_dir, run.dataset.gallery_dir,
+                             ground_truth=run.dataset.ground_truth, scores=run.scores,
+                             title=kwargs.pop("title", run.run_name), info=info, **kwargs)

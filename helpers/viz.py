@@ -306,6 +306,14 @@ def plot_submission(
     return plot_retrieval_grid(query_paths, ranked, row_scores, correct, thumb_size=thumb_size, title=title)
 
 
+def plot_run(run: "RetrievalRun", queries: Sequence[str] | int | None = 8, k: int | None = None,
+             **kwargs) -> "Figure":
+    """:func:`plot_submission` of a :class:`helpers.pipeline.RetrievalRun`, with its similarities and ground truth."""
+    return plot_submission(run.rankings, run.dataset.query_dir, run.dataset.gallery_dir, queries,
+                           ground_truth=run.dataset.ground_truth, scores=run.scores, labels=run.dataset.labels, k=k,
+                           title=kwargs.pop("title", run.run_name), **kwargs)
+
+
 def save_submission_grids(
     rankings: Mapping[str, Sequence[str]],
     query_dir: str | os.PathLike,

@@ -42,9 +42,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "show", help="look at a submission: query-vs-top-k PNG grids, an HTML page, two runs side by side",
         description="PNG grids of queries beside their top-k (rank and similarity under each image; green/red borders "
-                    "where ground truth is known). Similarities: read from --scores, else from the sidecar "
-                    "<submission>.scores.json written by `retrieve` when present, else recomputed with --model when "
-                    "given; otherwise only the rank is shown.")
+                    "where ground truth is known). Similarities: read from --scores, else recomputed with --model "
+                    "when given, else read from the sidecar <submission>.scores.json that `retrieve` writes beside "
+                    "its submission; otherwise only the rank is shown.")
     p.add_argument("--submission", required=True, metavar="FILE", help="submission in dict or list format")
     add_data(p, help_text="dataset folder with test/query and test/gallery (default: %(default)s)")
     p.add_argument("--ground-truth", metavar="FILE",
@@ -138,7 +138,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(DEFAULT_SHOW_DIR) / stem
     scores, scores_from = None, "rank only (no scores file; pass --model to recompute similarities)"
     sidecar = Path(args.scores) if args.scores else scores_sidecar_path(args.submission)
-    if args.scores or sidecar.exists():
+    if args.scores or (sidecar.exists() and not args.model):
         scores, scores_from = load_scores(sidecar), f"similarities from {sidecar}"
     elif args.model:
         needed = sorted(set(grid_queries) | (set(html_queries) if args.html else set()))
