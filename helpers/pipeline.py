@@ -128,11 +128,14 @@ def run_retrieval(
     index: str = "exact",
     fusion: str = "concat",
     fusion_weights: list[float] | None = None,
+    checkpoint: str | os.PathLike | None = None,
     backend: str = "auto",
 ) -> RetrievalRun:
     """Rank the gallery for every query of ``data`` and evaluate when ground truth exists.
 
     ``model`` is a registry name (built with ``weights`` and ``model_options``) or an already built model.
+    ``checkpoint``: a training run's ``best.pt`` (``python -m helpers train``): the trained backbone + head is used
+    (its embedding, never classifier logits) and the metrics JSON records ``is_finetuned`` and the training facts.
     ``backend``: ``auto`` (ONNX Runtime on the CPU for 200+ images, else torch), ``torch`` or ``onnx`` (see
     :mod:`helpers.onnx_backend`).
     Unreadable query images are left out of the submission; unreadable gallery images are never ranked.
@@ -158,9 +161,14 @@ def run_retrieval(
     post_config = postprocess_config(n_models=len(models), **post)  # validates the options before any work
 
     t0 = time.perf_counter()
-    embedder = model if isinstance(model, EmbeddingModel) else load_model(
-        model, weights=weights, device=target, **(model_options or {})
-    )
+    if checkpoint is not None:
+        from .training.model import load_checkpoint_model
+
+        embedder = load_checkpoint_model(checkpoint, device=target)
+    else:
+        embedder = model if isinstance(model, EmbeddingModel) else load_model(
+            model, weights=weights, device=target, **(model_options or {})
+        )
     timings["load_model"] = time.perf_counter() - t0
     cache = EmbeddingCache(cache_dir, dtype=cache_dtype) if use_cache else None
 

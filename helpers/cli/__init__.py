@@ -16,6 +16,7 @@ VERB_MODULES = [
     "helpers.cli.report",
     "helpers.cli.serve",
     "helpers.cli.text",
+    "helpers.cli.train",
 ]
 
 #: Exceptions that mean "bad input": printed as one clear line, exit code 2, no traceback.

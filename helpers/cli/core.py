@@ -49,6 +49,8 @@ def register(subparsers) -> None:
     p.add_argument("--run-name", help="name used for default output files")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_postprocessing(p)
+    p.add_argument("--checkpoint", metavar="RUN_DIR/best.pt",
+                   help="embed with a model trained by `train` (its head's embedding); replaces --model/--weights")
     p.set_defaults(func=cmd_retrieve)
 
     p = subparsers.add_parser("evaluate", help="score a submission file against ground truth")
@@ -114,6 +116,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         fusion_weights=args.fusion_weights,
         model_options=model_options(args),
         text_modifier=args.text_modifier, text_weight=args.text_weight,
+        checkpoint=args.checkpoint,
     )
     outputs = save_run(run, out=args.out, fmt=args.format, metrics_out=args.metrics_out, grid_out=args.grid)
     skipped = len(run.query.skipped) + len(run.gallery.skipped)
