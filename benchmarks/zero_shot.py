@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, verdicts = [], []
     for name, folder, classes, full in jobs:
         run = run_zero_shot(folder, classes, args.templates, model=model, batch_size=args.batch_size,
-                            device=args.device, use_cache=not args.no_cache, num_workers=args.workers)
+                            device=args.device, use_cache=False if args.no_cache else None, num_workers=args.workers)
         m = run.metrics
         seconds = run.timings["total"]
         row = {"dataset": name, "model": args.model, "pretrained": args.pretrained, "weights": weights,

@@ -128,10 +128,15 @@ def run_retrieval(
     index: str = "exact",
     fusion: str = "concat",
     fusion_weights: list[float] | None = None,
+    text_modifier: str | None = None,
+    text_weight: float = 0.5,
     checkpoint: str | os.PathLike | None = None,
     backend: str = "auto",
 ) -> RetrievalRun:
     """Rank the gallery for every query of ``data`` and evaluate when ground truth exists.
+
+    ``text_modifier`` (CLIP models): composed queries, each query image's embedding plus the modifier's text
+    embedding as a normalised weighted sum with ``text_weight`` (see :func:`helpers.text.compose_query`).
 
     ``model`` is a registry name (built with ``weights`` and ``model_options``) or an already built model.
     ``checkpoint``: a training run's ``best.pt`` (``python -m helpers train``): the trained backbone + head is used
@@ -201,8 +206,13 @@ def run_retrieval(
         logger.warning("the gallery has only %d readable images: rankings hold %d names, not %d",
                        len(gallery.paths), len(gallery.paths), k)
 
+    query_embeddings = query.embeddings
+    if text_modifier:
+        from .text import compose_query, encode_text
+
+        query_embeddings = compose_query(query_embeddings, encode_text(embedder, [text_modifier]), text_weight)
     t0 = time.perf_counter()
-    indices, similarities = postprocessed_search(query.embeddings, gallery.embeddings, k=k)
+    indices, similarities = postprocessed_search(query_embeddings, gallery.embeddings, k=k)
     timings["search"] = time.perf_counter() - t0
     gallery_names = gallery.names
     rankings = {q: [gallery_names[j] for j in row] for q, row in zip(query.names, indices)}
@@ -227,6 +237,8 @@ def run_retrieval(
         "backend": backend,
         "model_options": {key: str(v) for key, v in embedder.options.items()},
     }
+    if text_modifier:
+        config.update(text_modifier=text_modifier, text_weight=text_weight)
     config.update(post_config, search=search_info)
     if extra_embedders:
         model_name = "+".join([embedder.name] + [e.name for e in extra_embedders])

@@ -333,13 +333,18 @@ def _embed_images(
     paths: Sequence[Path],
     batch_size: int,
     device: torch.device,
-    use_cache: bool,
+    use_cache: bool | None,
     cache_dir: str | os.PathLike | None,
     cache_dtype: str,
     num_workers: int | None,
     progress: bool,
     desc: str,
 ) -> EmbeddingResult:
+    if use_cache is None:
+        use_cache = model.weights != "none"
+        if not use_cache:
+            logger.info("random weights: the embedding cache is not used (every random build differs, while the "
+                        "cache key only says 'none'); pass use_cache=True to force it")
     cache = EmbeddingCache(cache_dir, dtype=cache_dtype) if use_cache else None
     return extract_embeddings(model, paths, batch_size=batch_size, device=device, num_workers=num_workers,
                               cache=cache, progress=progress, desc=desc)
@@ -379,7 +384,7 @@ def text_search(
     weights: str = "pretrained",
     batch_size: int = 32,
     device: str = "auto",
-    use_cache: bool = True,
+    use_cache: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     cache_dtype: str = "float32",
     num_workers: int | None = None,
@@ -387,7 +392,11 @@ def text_search(
     model_options: dict[str, Any] | None = None,
 ) -> TextSearchResult:
     """Rank the gallery of ``data_or_folder`` (competition layout, flat folder or class folders) for every text
-    query by cosine similarity of L2-normalised CLIP text and image embeddings. Repeated queries count once."""
+    query by cosine similarity of L2-normalised CLIP text and image embeddings. Repeated queries count once.
+
+    ``use_cache``: ``None`` (default) reads and writes the embedding cache of image retrieval, except for random
+    weights (``weights="none"``), whose builds all differ under one cache key; ``True`` forces it, ``False`` skips it.
+    """
     start = time.perf_counter()
     queries = [str(q) for q in queries]
     if not queries or any(not q.strip() for q in queries):
@@ -429,7 +438,7 @@ def text_search(
         "k": k,
         "batch_size": batch_size,
         "device": str(target),
-        "cache": use_cache,
+        "cache": "auto" if use_cache is None else use_cache,
         "model_options": {key: str(v) for key, v in embedder.options.items()},
     }
     return TextSearchResult(rankings, scores, gallery, collection, embedder.name, config, timings)
@@ -473,7 +482,7 @@ def zero_shot_classify(
     weights: str = "pretrained",
     batch_size: int = 32,
     device: str = "auto",
-    use_cache: bool = True,
+    use_cache: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     cache_dtype: str = "float32",
     num_workers: int | None = None,
@@ -481,7 +490,8 @@ def zero_shot_classify(
     model_options: dict[str, Any] | None = None,
 ) -> ZeroShotResult:
     """Classify images among ``classes`` without training: cosine similarity of each L2-normalised image embedding
-    to each class's template-ensembled text embedding, times CLIP's logit scale, softmax over classes."""
+    to each class's template-ensembled text embedding, times CLIP's logit scale, softmax over classes.
+    ``use_cache`` as in :func:`text_search`."""
     classes = _check_classes([str(c).strip() for c in classes], "classes")
     template_list = load_templates(templates)
     target = resolve_device(device)
@@ -616,7 +626,7 @@ def run_zero_shot(
     weights: str = "pretrained",
     batch_size: int = 32,
     device: str = "auto",
-    use_cache: bool = True,
+    use_cache: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     num_workers: int | None = None,
     progress: bool = True,
@@ -656,7 +666,7 @@ def run_zero_shot(
         "n_templates": len(result.templates),
         "batch_size": batch_size,
         "device": str(resolve_device(device)),
-        "cache": use_cache,
+        "cache": "auto" if use_cache is None else use_cache,
         "model_options": {key: str(v) for key, v in (model_options or {}).items()},
     }
     timings = {"embed_images": result.image.seconds, "total": time.perf_counter() - start}

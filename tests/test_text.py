@@ -181,9 +181,12 @@ def test_text_search_shares_the_retrieval_cache(clip_random, competition):
 
     run = run_retrieval(competition, model=clip_random, k=3, device="cpu", progress=False)
     result = T.text_search(competition, ["a photo of a cat", "a photo of a cat"], model=clip_random, k=4,
-                           device="cpu", progress=False)
+                           device="cpu", progress=False, use_cache=True)
     n_gallery = len(run.gallery.paths)
     assert (result.gallery.n_cached, result.gallery.n_computed) == (n_gallery, 0)
+    # By default random weights bypass the cache: another random build would be served these vectors.
+    fresh = T.text_search(competition, ["a cat"], model=clip_random, k=1, device="cpu", progress=False)
+    assert (fresh.gallery.n_cached, fresh.gallery.n_computed) == (0, n_gallery)
     assert list(result.rankings) == ["a photo of a cat"]
     assert set(result.rankings["a photo of a cat"]) <= set(run.dataset.gallery_names)
     # Scores are cosine similarities of normalised vectors, best first, equal to a direct computation.

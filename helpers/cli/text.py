@@ -75,7 +75,7 @@ def cmd_text_search(args: argparse.Namespace) -> int:
 
     result = text_search(
         args.data, args.query, model=args.model, k=args.k, weights=args.weights, batch_size=args.batch_size,
-        device=args.device, use_cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.workers,
+        device=args.device, use_cache=False if args.no_cache else None, cache_dir=args.cache_dir, num_workers=args.workers,
         progress=not args.quiet, model_options=_model_options(args),
     )
     if args.out:
@@ -106,7 +106,7 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
         classes = read_class_file(args.classes_file)
     run = run_zero_shot(
         args.data, classes, templates=args.templates, model=args.model, weights=args.weights,
-        batch_size=args.batch_size, device=args.device, use_cache=not args.no_cache, cache_dir=args.cache_dir,
+        batch_size=args.batch_size, device=args.device, use_cache=False if args.no_cache else None, cache_dir=args.cache_dir,
         num_workers=args.workers, progress=not args.quiet, model_options=_model_options(args),
     )
     out_dir = Path(args.out) if args.out else default_zero_shot_dir(args.data, run.model_name, args.templates)
