@@ -57,11 +57,20 @@ def dense_re_ranking(q_g_dist, q_q_dist, g_g_dist, k1=20, k2=6, lambda_value=0.3
         V[i, expansion] = weight / np.sum(weight)
     original_dist = original_dist[:query_num]
     if k2 != 1:
-        V = np.stack([np.mean(V[initial_rank[i, :k2]], axis=0) for i in range(all_num)]).astype(np.float32)
+        V_qe = np.zeros_like(V, dtype=np.float32)
+        for i in range(all_num):
+            V_qe[i] = np.mean(V[initial_rank[i, :k2]], axis=0)
+        V = V_qe
+        del V_qe
+    del initial_rank
+    # Jaccard distance through an inverted index over V's columns: sum_k min(V[i, k], V[j, k]) for every j;
+    # the sum of the maxima is 2 minus that, every row of V summing to one.
+    inv_index = [np.where(V[:, k] != 0)[0] for k in range(all_num)]
     jaccard = np.zeros((query_num, all_num), dtype=np.float32)
     for i in range(query_num):
-        # sum_k min(V[i, k], V[j, k]) for every j; sum of max = 2 - sum of min (rows sum to one)
-        temp_min = np.minimum(V[i][None, :], V).sum(axis=1)
+        temp_min = np.zeros(all_num, dtype=np.float32)
+        for k in np.where(V[i] != 0)[0]:
+            temp_min[inv_index[k]] += np.minimum(V[i, k], V[inv_index[k], k])
         jaccard[i] = 1 - temp_min / (2.0 - temp_min)
     final = jaccard * (1 - lambda_value) + original_dist * lambda_value
     return final[:, query_num:]
