@@ -175,6 +175,10 @@ def run_retrieval(
             model, weights=weights, device=target, **(model_options or {})
         )
     timings["load_model"] = time.perf_counter() - t0
+    if text_modifier:
+        from .text import require_text_encoder
+
+        require_text_encoder(embedder)  # before any image is embedded
     cache = EmbeddingCache(cache_dir, dtype=cache_dtype) if use_cache else None
 
     common = dict(batch_size=batch_size, device=target, num_workers=num_workers, cache=cache, tta=tta, progress=progress,

@@ -271,6 +271,21 @@ def test_zero_shot_cli_flat_folder_punctuated_classes(flat_folder, tmp_path, cap
     assert "predictions only" in capsys.readouterr().out
 
 
+def test_retrieve_cli_text_modifier(competition, tmp_path, capsys):
+    out = tmp_path / "composed.json"
+    assert cli_main(["retrieve", "--data", str(competition), "--model", "clip-vit-b32", "--weights", "none",
+                     "--device", "cpu", "--k", "3", "--text-modifier", "in red", "--text-weight", "1",
+                     "--no-cache", "--out", str(out), "--metrics-out", str(tmp_path / "m.json"), "--quiet"]) == 0
+    rankings = json.loads(out.read_text(encoding="utf-8"))
+    # Weight 1: the text alone decides, so every query image gets the same ranking.
+    assert len(rankings) == len(CLASSES) and len({tuple(r) for r in rankings.values()}) == 1
+    record = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
+    assert record["config"]["text_modifier"] == "in red" and record["config"]["text_weight"] == 1.0
+    assert cli_main(["retrieve", "--data", str(competition), "--weights", "none", "--device", "cpu",
+                     "--text-modifier", "in red", "--no-cache", "--out", str(out), "--quiet"]) == 2
+    assert "no text encoder" in capsys.readouterr().err
+
+
 def test_cli_errors_are_one_line(flat_folder, tmp_path, capsys):
     assert cli_main(["zero-shot", "--data", str(flat_folder), "--weights", "none", "--out", str(tmp_path)]) == 2
     assert "--classes" in capsys.readouterr().err
