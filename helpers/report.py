@@ -262,7 +262,8 @@ def plot_metric_bars(frame: "pd.DataFrame", metric: str = "weighted_score", titl
         ax.text(bar.get_width() + upper * 0.01, bar.get_y() + bar.get_height() / 2, shown, va="center", fontsize=7.5)
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette(i % 10)) for i in range(len(models))]
     if len(models) > 1:
-        ax.legend(handles, models, fontsize=7, loc="lower right", title="model", title_fontsize=7)
+        ax.legend(handles, models, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="model",
+                  title_fontsize=7, frameon=False)
     ax.set_xlabel(metric)
     ax.set_title(title or f"{metric} by run", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
@@ -541,6 +542,28 @@ def run_artifacts(record: Mapping[str, Any], results_dir: Path) -> tuple[Path | 
     return submission, ground_truth, labels
 
 
+def _image_dirs(record: Mapping[str, Any]) -> tuple[Path, Path] | None:
+    """The run's query and gallery folders (from ``config.data``) when they are still there."""
+    data = (record.get("config") or {}).get("data")
+    if not data:
+        return None
+    test_dir = _test_dir(Path(data))
+    query_dir, gallery_dir = test_dir / "query", test_dir / "gallery"
+    return (query_dir, gallery_dir) if query_dir.is_dir() and gallery_dir.is_dir() else None
+
+
+def _read_scores(submission: Path) -> dict[str, list[float]] | None:
+    """The similarities beside a submission (``<name>.scores.json``), or None."""
+    from .viz import load_scores, scores_sidecar_path
+
+    sidecar = scores_sidecar_path(submission)
+    try:
+        return load_scores(sidecar) if sidecar.is_file() else None
+    except ValueError as exc:
+        logger.warning("%s", exc)
+        return None
+
+
 def _read_labels(path: Path | None) -> dict | None:
     if path is None:
         return None
@@ -577,6 +600,8 @@ def write_report(
     out_dir: str | os.PathLike = "visualizations/report",
     n_worst: int = 10,
     failure: bool = True,
+    images: bool = True,
+    n_images: int = 6,
 ) -> ReportOutputs:
     """Aggregate every metrics JSON in ``results_dir`` and write, directly into ``out_dir``:
 
@@ -584,9 +609,11 @@ def write_report(
     ``bar_weighted_score.png``, ``bar_hit1.png``, ``bar_map10.png``; where a run's submission and ground truth are
     found (see :func:`run_artifacts`), ``failures_<run>_{worst,per_class,confusions}.csv``; for the best two runs on
     the same queries ``compare_<a>__vs__<b>.csv``; and ``report.md`` with every table and the skipped files.
+    With ``images`` and the run's dataset folder at hand (``config.data``), also ``failures_<run>_worst.png`` (the
+    ``n_images`` worst queries beside their top-k) and ``compare_<a>__vs__<b>.png`` (the queries where they differ).
     """
     from .submission import SubmissionError, load_submission
-    from .viz import save_figure
+    from .viz import plot_run_comparison, plot_submission, save_figure
 
     results_dir, out = Path(results_dir), Path(out_dir)
     loaded = load_results(results_dir)
@@ -615,7 +642,7 @@ def write_report(
 
     # failure analysis, per run where its submission and ground truth are found
     by_file = {r["_path"]: r for r in loaded.records}
-    submissions: dict[str, tuple[dict, dict, Any]] = {}
+    submissions: dict[str, tuple] = {}  # run -> (rankings, ground truth, row, image folders, scores)
     if failure:
         lines += ["## Failure analysis", ""]
         for _, row in table.iterrows():
@@ -639,9 +666,18 @@ def write_report(
                 files.append(write_text(out / f"failures_{slug}_{part}.csv",
                                         getattr(analysis, part).to_csv(index=False)))
             outputs.analysed.append(run)
-            submissions[run] = (rankings, ground_truth, row)
+            dirs = _image_dirs(record) if images else None
+            scores = _read_scores(submission_path)
+            submissions[run] = (rankings, ground_truth, row, dirs, scores)
             lines += [f"### {run}", "", f"Submission `{submission_path}`, ground truth `{gt_path}`.", "",
                       analysis.summary_markdown(n_worst), ""]
+            if dirs is not None:
+                worst = [q for q in analysis.worst["query"] if q in rankings][:n_images]
+                fig = plot_submission(rankings, dirs[0], dirs[1], worst, ground_truth=ground_truth, scores=scores,
+                                      title=f"{run}: the {len(worst)} worst queries")
+                path = save_figure(fig, out / f"failures_{slug}_worst.png")
+                files.append(path)
+                lines += [f"![worst queries of {run}]({path.name})", ""]
         for run, reason in outputs.not_analysed.items():
             lines.append(f"- {run}: not analysed, {reason}")
         lines.append("")
@@ -652,7 +688,8 @@ def write_report(
         for i, first in enumerate(ranked_runs):
             for second in ranked_runs[i + 1:]:
                 if set(submissions[first][0]) == set(submissions[second][0]) and \
-                        submissions[first][1] == submissions[second][1]:
+                        submissions[first][1] == submissions[second][1] and \
+                        submissions[first][0] != submissions[second][0]:
                     pair = (first, second)
                     break
             if pair:
@@ -669,6 +706,16 @@ def write_report(
                       to_markdown(differ[["query", "outcome", "top1_a", "top1_b", "weighted_a", "weighted_b"]])
                       if len(differ) else "No query is right at rank 1 in only one of them.", "",
                       "Look at them: `python -m helpers show --submission A.json --compare B.json --data DIR`.", ""]
+            dirs = submissions[a][3]
+            chosen = comparison.differing()[:n_images]
+            if dirs is not None and chosen:
+                fig = plot_run_comparison(submissions[a][0], submissions[b][0], dirs[0], dirs[1], chosen,
+                                          ground_truth=submissions[a][1], names=(a, b),
+                                          scores_a=submissions[a][4], scores_b=submissions[b][4],
+                                          title=f"{a} (upper row) vs {b} (lower row)")
+                path = save_figure(fig, out / f"compare_{_file_slug(a)}__vs__{_file_slug(b)}.png")
+                files.append(path)
+                lines += [f"![{a} vs {b}]({path.name})", ""]
 
     if loaded.skipped:
         lines += ["## Skipped files", ""] + [f"- `{p}`: {reason}" for p, reason in loaded.skipped] + [""]

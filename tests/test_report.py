@@ -131,11 +131,16 @@ def test_report_verb_writes_tables_and_charts_directly_into_out(results_dir, tmp
     for run in RUNS:
         for part in ("worst", "per_class", "confusions"):
             assert (out / f"failures_{run}_{part}.csv").is_file()
+        worst = pd.read_csv(out / f"failures_{run}_worst.csv")
+        assert worst["weighted_score"].is_monotonic_increasing
+        with Image.open(out / f"failures_{run}_worst.png") as image:
+            assert image.height > 500  # six query rows
     assert not [p for p in out.iterdir() if p.is_dir()]
     report = (out / "report.md").read_text()
     assert "## Skipped files" in report and "malformed.json" in report and "## Failure analysis" in report
     comparisons = list(out.glob("compare_*__vs__*.csv"))
-    assert len(comparisons) == 1 and "tiny_lite0" in comparisons[0].name
+    assert len(comparisons) == 1 and comparisons[0].name.count("tiny_lite0") == 2  # the best two runs
+    assert comparisons[0].with_suffix(".png").is_file() and f"]({comparisons[0].with_suffix('.png').name})" in report
 
 
 def test_report_without_any_valid_file_is_a_clear_error(tmp_path, capsys):
@@ -214,9 +219,9 @@ def test_write_report_finds_submissions_by_run_name(runs, tmp_path):
     record.pop("submission")
     (project / "results").mkdir()
     (project / "results" / "tiny_lite0_none.json").write_text(json.dumps(record))
-    outputs = write_report(project / "results", tmp_path / "out")
-    assert outputs.analysed == ["tiny_lite0_none"]
+    outputs = write_report(project / "results", tmp_path / "out", images=False)
+    assert outputs.analysed == ["tiny_lite0_none"] and not list((tmp_path / "out").glob("failures_*.png"))
     record["run_name"] = "renamed"
     (project / "results" / "tiny_lite0_none.json").write_text(json.dumps(record))
-    outputs = write_report(project / "results", tmp_path / "out2")
+    outputs = write_report(project / "results", tmp_path / "out2", images=False)
     assert outputs.analysed == [] and "submission was not found" in outputs.not_analysed["renamed"]

@@ -27,9 +27,9 @@ def register(subparsers) -> None:
         "report", help="compare every run of a results folder: tables, grouped views, bar charts, failure analysis",
         description="Read every metrics JSON of a results folder (malformed or foreign JSON files are reported and "
                     "skipped) and write into --out: comparison.csv/.md (one row a run), by_model/pooling/"
-                    "finetuning/options.csv, bar_weighted_score/hit1/map10.png, failures_<run>_*.csv where a run's "
-                    "submission and ground truth are found, compare_<a>__vs__<b>.csv for the best two runs on the same "
-                    "queries, and report.md with all of it.")
+                    "finetuning/options.csv, bar_weighted_score/hit1/map10.png, failures_<run>_*.csv (and a PNG of "
+                    "the worst queries) where a run's submission and ground truth are found, compare_<a>__vs__<b>.csv "
+                    "(and .png) for the best two runs on the same queries, and report.md with all of it.")
     p.add_argument("--results", default="results", metavar="DIR",
                    help="folder of metrics JSON files, searched recursively (default: %(default)s)")
     p.add_argument("--out", default=DEFAULT_REPORT_DIR, metavar="DIR",
@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--worst", type=positive_int, default=10, metavar="N",
                    help="worst queries listed per run (default: %(default)s)")
     p.add_argument("--no-failures", action="store_true", help="skip the failure analysis and run comparison")
+    p.add_argument("--no-images", action="store_true",
+                   help="no image grids of the worst queries and of the two compared runs (tables and charts only)")
     p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser(
@@ -76,7 +78,8 @@ def register(subparsers) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from ..report import write_report
 
-    outputs = write_report(args.results, args.out, n_worst=args.worst, failure=not args.no_failures)
+    outputs = write_report(args.results, args.out, n_worst=args.worst, failure=not args.no_failures,
+                           images=not args.no_images)
     table = outputs.table
     print(f"{len(table)} run(s) from {args.results}; {len(outputs.skipped)} file(s) skipped")
     columns = [c for c in ("run", "model", "weighted_score", "hit@1", "map@10") if c in table.columns]
