@@ -209,6 +209,40 @@ def test_composed_query_weights(clip_random, competition):
     assert text_only.config["text_modifier"] == "in red" and text_only.config["text_weight"] == 1.0
 
 
+def test_zero_shot_on_competition_layout_uses_labels(clip_random, competition):
+    run = T.run_zero_shot(competition, None, "simple", model=clip_random, device="cpu", progress=False)
+    assert run.result.classes == ["air plane", "automobile", "cat's"]  # from labels.json, underscores as spaces
+    assert len(run.names) == len(set(run.names)) == len(CLASSES) * PER_CLASS  # query + gallery
+    assert sorted(run.true_labels) == sorted(c for c in run.result.classes for _ in range(PER_CLASS))
+    top1 = np.mean([p == t for p, t in zip(run.result.predicted, run.true_labels)])
+    assert run.metrics["top1_accuracy"] == pytest.approx(top1)
+
+
+def test_benchmark_exports_cifar_and_runs_offline(monkeypatch, class_folder, tmp_path, capsys):
+    import torchvision
+
+    from benchmarks import zero_shot as bench
+
+    class FakeCIFAR:  # torchvision's CIFAR interface: data (N, 32, 32, 3) uint8, targets, classes
+        def __init__(self, root, train, download):
+            assert train is False
+            self.data = np.random.default_rng(0).integers(0, 255, size=(4, 32, 32, 3), dtype=np.uint8)
+            self.targets = [0, 1, 1, 0]
+            self.classes = ["maple_tree", "cat"]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR)
+    folder, classes = bench.export_cifar("cifar100", tmp_path / "tv", False, tmp_path / "work")
+    assert classes == ["maple tree", "cat"]
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*.png")) == [
+        "cat/00001.png", "cat/00002.png", "maple_tree/00000.png", "maple_tree/00003.png"]
+    assert bench.main(["--folder", str(class_folder), "--per-class", "1", "--templates", "simple", "--device", "cpu",
+                       "--out", str(tmp_path / "bench.json")]) == 0
+    out = capsys.readouterr().out
+    assert "random weights" in out and "chance level" in out
+    rows = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
+    assert rows[0]["n_images"] == len(CLASSES) and "published_top1" not in rows[0]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The CLI verbs end to end (random weights)
 # ----------------------------------------------------------------------------------------------------------------

@@ -75,8 +75,8 @@ def cmd_text_search(args: argparse.Namespace) -> int:
 
     result = text_search(
         args.data, args.query, model=args.model, k=args.k, weights=args.weights, batch_size=args.batch_size,
-        device=args.device, use_cache=False if args.no_cache else None, cache_dir=args.cache_dir, num_workers=args.workers,
-        progress=not args.quiet, model_options=_model_options(args),
+        device=args.device, use_cache=False if args.no_cache else None, cache_dir=args.cache_dir,
+        num_workers=args.workers, progress=not args.quiet, model_options=_model_options(args),
     )
     if args.out:
         out = Path(args.out)
@@ -106,8 +106,8 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
         classes = read_class_file(args.classes_file)
     run = run_zero_shot(
         args.data, classes, templates=args.templates, model=args.model, weights=args.weights,
-        batch_size=args.batch_size, device=args.device, use_cache=False if args.no_cache else None, cache_dir=args.cache_dir,
-        num_workers=args.workers, progress=not args.quiet, model_options=_model_options(args),
+        batch_size=args.batch_size, device=args.device, use_cache=False if args.no_cache else None,
+        cache_dir=args.cache_dir, num_workers=args.workers, progress=not args.quiet, model_options=_model_options(args),
     )
     out_dir = Path(args.out) if args.out else default_zero_shot_dir(args.data, run.model_name, args.templates)
     outputs = save_zero_shot(run, out_dir)
