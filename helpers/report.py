@@ -196,7 +196,8 @@ def _dedupe_run_names(frame: "pd.DataFrame") -> "pd.DataFrame":
 # Tables and plots
 # ----------------------------------------------------------------------------------------------------------------
 def comparison_table(frame: "pd.DataFrame", sort_by: str = "weighted_score") -> "pd.DataFrame":
-    """One row a run, best first (``sort_by``, then map@10, then hit@1): the fixed columns, then every ``config.*`` column whose value differs between runs."""
+    """One row a run, best first (``sort_by``, then map@10, then hit@1): the fixed columns, then every
+    ``config.*`` column whose value differs between runs."""
     if frame.empty:
         return frame
     columns = [c for c in TABLE_COLUMNS if c in frame.columns]

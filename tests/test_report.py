@@ -1,4 +1,4 @@
-"""report: aggregation of real metrics JSONs (and broken ones), grouped views, charts, failure analysis, run comparison."""
+"""report: aggregation of real metrics JSONs and broken ones, grouped views, charts, failure analysis, comparison."""
 
 from __future__ import annotations
 
@@ -189,7 +189,10 @@ def test_classes_derived_from_ground_truth_match_the_labels(tiny_split):
     labels = read_json(tiny_split / "test" / "labels.json")
     derived = class_labels(ground_truth, None)
     assert derived.derived
-    partition = lambda mapping: {frozenset(n for n, c in mapping.items() if c == cls) for cls in set(mapping.values())}  # noqa: E731
+
+    def partition(mapping):
+        return {frozenset(n for n, c in mapping.items() if c == cls) for cls in set(mapping.values())}
+
     assert partition(derived.query) == partition(labels["query"])
     assert partition(derived.gallery) == partition(labels["gallery"])
 

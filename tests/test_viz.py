@@ -1,4 +1,4 @@
-"""Grids (borders against ground truth), query choice, the show verb, the HTML page (every query and image), Chromium."""
+"""Grids (borders against ground truth), query choice, the show verb, the HTML page (every query and image)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from PIL import Image
 
 from helpers.cli import main as cli_main
 from helpers.data import load_retrieval_set
-from helpers.fileio import read_json
 from helpers.html_report import build_html_report, write_html_report
 from helpers.metrics import evaluate_rankings
 from helpers.submission import load_submission
@@ -221,9 +220,11 @@ def test_html_page_renders_in_headless_chromium(lite_run, tmp_path):
     page = write_html_report(tmp_path / "page.html", rankings, dataset.query_dir, dataset.gallery_dir,
                              ground_truth=dataset.ground_truth, queries=list(rankings)[:4], title="chromium check")
     shot = tmp_path / "shot.png"
-    flags = lambda profile: [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",  # noqa: E731
-                             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                             "--disable-sync", f"--user-data-dir={tmp_path / profile}"]
+    def flags(profile: str) -> list[str]:
+        return [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={tmp_path / profile}"]
+
     subprocess.run([*flags("profile1"), "--window-size=1200,800", f"--screenshot={shot}", page.as_uri()],
                    capture_output=True, timeout=180, check=False)
     assert shot.is_file(), "Chromium wrote no screenshot"
