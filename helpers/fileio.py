@@ -24,6 +24,9 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[IO], None], mode: st
             writer(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp_name, path)
     except BaseException:
         try:

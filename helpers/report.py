@@ -85,11 +85,16 @@ def _text(value: Any) -> str | None:
 
 
 def _rerank_options(config: Mapping[str, Any]) -> str:
+    """The post-processing options of a run that differ from their defaults (``helpers.rerank``)."""
+    from .rerank import POSTPROCESS_DEFAULTS
+
     parts = []
     for key in sorted(config):
-        if key in RERANK_KEYS or key.startswith(RERANK_PREFIXES):
+        if key in POSTPROCESS_DEFAULTS or key in RERANK_KEYS or key.startswith(RERANK_PREFIXES):
             value = config[key]
             if value in (None, False, "", "none", 0) or value == [] or value == {}:
+                continue
+            if key in POSTPROCESS_DEFAULTS and value == POSTPROCESS_DEFAULTS[key]:
                 continue
             parts.append(key if value is True else f"{key}={value}")
     return ", ".join(parts) or "none"
