@@ -173,7 +173,7 @@ def test_clip_weight_file_round_trip(tmp_path, tiny_split):
         model.network.gem.p.fill_(4.0)
     path = save_weights(model, tmp_path / "clip.pt")
     again = load_model("clip-vit-b32", weights=str(path), pool="gem")
-    assert float(again.network.gem.p) == 4.0
+    assert float(again.network.gem.p.detach()) == 4.0
     assert np.array_equal(embed_pil_images(model, images, "cpu"), embed_pil_images(again, images, "cpu"))
     # an open_clip checkpoint (keys without our wrapper prefix) loads as well
     raw = tmp_path / "open_clip_pytorch_model.bin"
@@ -220,3 +220,324 @@ def test_clip_large_builds_with_contract_dims(name, dim, gem_dim, grid):
         assert model(x).shape == (1, gem_dim)
         assert model.network.visual_tokens(x).shape == (1, 1 + grid * grid, gem_dim)
         assert model.network.encode_image(x).shape == (1, dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every registered name
+# ----------------------------------------------------------------------------------------------------------------
+FACE_MEAN, FACE_STD = (127.5 / 255,) * 3, (128 / 255,) * 3
+HALF = (0.5, 0.5, 0.5)
+#: name -> (embedding size, input size, mean, std): the published configuration of each family.
+EXPECTED = {
+    "efficientnet-lite0": (1280, 224, HALF, HALF),
+    "efficientnet-b0": (1280, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet-b3": (1536, 320, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet18": (512, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet34": (512, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet50": (2048, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet101": (2048, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet152": (2048, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "googlenet": (1024, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "vit-b16": (768, 224, HALF, HALF),
+    "dinov2-vits14": (384, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "dinov2-vitb14": (768, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "dinov2-vitl14": (1024, 224, IMAGENET_MEAN, IMAGENET_STD),
+    "clip-vit-b32": (512, 224, CLIP_MEAN, CLIP_STD),
+    "clip-vit-b16": (512, 224, CLIP_MEAN, CLIP_STD),
+    "clip-vit-l14": (768, 224, CLIP_MEAN, CLIP_STD),
+    "clip-vit-l14-336": (768, 336, CLIP_MEAN, CLIP_STD),
+    "clip-vit-h14": (1024, 224, CLIP_MEAN, CLIP_STD),
+    "facenet-vggface2": (512, 160, FACE_MEAN, FACE_STD),
+}
+#: Built in the fast tests; the medium ones (a few seconds each on 2 cores) are built in a slow test.
+MEDIUM = {"resnet101", "resnet152", "dinov2-vitb14", "clip-vit-b16", "efficientnet-b3"}
+SMALL = [name for name in EXPECTED if name not in BIG | MEDIUM]
+
+
+def test_every_mission_name_is_registered_and_listed(capsys):
+    from helpers.cli import main
+
+    registered = {spec.name for spec in list_models()}
+    assert set(EXPECTED) <= registered
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, (dim, size, _, _) in EXPECTED.items():
+        row = [line.split() for line in lines if line.split() and line.split()[0] == name]
+        assert row, f"{name} missing from `models`"
+        assert row[0][2] == str(dim) and row[0][3] == str(size), row[0][:4]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_spec_has_family_preprocessing(name):
+    dim, size, mean, std = EXPECTED[name]
+    spec = get_spec(name)
+    assert spec.embed_dim == dim
+    assert spec.preprocessing.input_size == size
+    assert spec.preprocessing.mean == pytest.approx(mean) and spec.preprocessing.std == pytest.approx(std)
+
+
+def test_timm_specs_follow_timm_pretrained_configs():
+    import timm
+
+    for name in ("efficientnet-b0", "efficientnet-b3", "resnet18", "resnet50", "resnet152"):
+        spec = get_spec(name)
+        cfg = timm.models.get_pretrained_cfg(spec.extra["timm_name"])
+        assert spec.preprocessing.input_size == (cfg.test_input_size or cfg.input_size)[-1]
+        assert spec.preprocessing.crop_pct == (cfg.test_crop_pct or cfg.crop_pct)
+        assert spec.preprocessing.interpolation == cfg.interpolation
+        assert spec.preprocessing.mean == tuple(cfg.mean)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_builds_offline_and_embeds_real_images(name, tiny_split):
+    dim = EXPECTED[name][0]
+    model = load_model(name, weights="none")
+    assert model.embed_dim == dim and model.weights == "none"
+    assert not model.training
+    emb = embed_pil_images(model, _images(tiny_split, 2), device="cpu")
+    assert emb.shape == (2, dim) and emb.dtype == np.float32
+    assert np.all(np.isfinite(emb)) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+    assert not np.allclose(emb[0], emb[1]), "two different photos gave the same embedding"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MEDIUM))
+def test_medium_models_build_offline_and_embed_real_images(name, tiny_split):
+    test_builds_offline_and_embeds_real_images(name, tiny_split)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BIG))
+def test_big_models_build_offline(name):
+    dim, size = EXPECTED[name][:2]
+    model = load_model(name, weights="none")
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 3, size, size)).shape == (1, dim)
+
+
+@pytest.mark.parametrize("name,pool,dim", [("resnet18", "gem", 512), ("resnet18", "max", 512),
+                                           ("dinov2-vits14", "gem", 384), ("dinov2-vits14", "mean", 384),
+                                           ("efficientnet-lite0", "gem", 1280),
+                                           pytest.param("facenet-vggface2", "gem", 512, marks=pytest.mark.slow),
+                                           pytest.param("googlenet", "gem", 1024, marks=pytest.mark.slow)])
+def test_pool_options(name, pool, dim):
+    model = load_model(name, weights="none", pool=pool)
+    size = model.preprocessing.input_size
+    assert model.pooling == pool and model.embed_dim == dim
+    x = torch.rand(2, 3, size, size)
+    with torch.inference_mode():
+        assert model(x).shape == (2, dim)
+
+
+def test_pooling_matches_features(tiny_split):
+    model = load_model("resnet18", weights="none")
+    gem_model = load_model("resnet18", weights="none", pool="gem")
+    gem_model.network.model.load_state_dict(model.network.model.state_dict())
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        fmap = model.network.forward_features(x)
+        assert torch.allclose(model(x), fmap.mean(dim=(-2, -1)), atol=1e-5)
+        assert torch.allclose(gem_model(x), gem(fmap, 3.0), atol=1e-5)
+        # timm's own classifier pooling is the same global average
+        assert torch.allclose(model(x), model.network.model.forward_head(fmap, pre_logits=True), atol=1e-5)
+    dino = load_model("dinov2-vits14", weights="none")
+    with torch.inference_mode():
+        tokens = dino.network.forward_features(torch.rand(1, 3, 224, 224))
+    assert tokens.shape == (1, 1 + 16 * 16, 384)  # CLS + a 16x16 grid of patch-14 tokens at 224 px
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ModelError, match="pool"):
+        load_model("resnet18", weights="none", pool="cls")
+    with pytest.raises(ModelError, match="does not take"):
+        load_model("resnet18", weights="none", pretrained="openai")
+    with pytest.raises(ModelError, match="unknown model"):
+        get_spec("resnet19")
+    with pytest.raises(ModelError, match="not found"):
+        load_model("resnet18", weights="/nonexistent/weights.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight files
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,options", [("resnet18", {"pool": "gem"}), ("dinov2-vits14", {}),
+                                          pytest.param("googlenet", {}, marks=pytest.mark.slow),
+                                          pytest.param("vit-b16", {}, marks=pytest.mark.slow)])
+def test_weight_file_round_trip(name, options, tmp_path, tiny_split):
+    images = _images(tiny_split, 2)
+    model = load_model(name, weights="none", **options)
+    with torch.no_grad():  # make the saved state differ from any fresh random initialisation
+        for param in model.network.parameters():
+            param.add_(0.01)
+    path = save_weights(model, tmp_path / f"{name}.pt")
+    again = load_model(name, weights=str(path), **options)
+    assert np.array_equal(embed_pil_images(model, images, "cpu"), embed_pil_images(again, images, "cpu"))
+    for key, value in model.network.state_dict().items():
+        assert torch.equal(value, again.network.state_dict()[key]), key
+
+
+def test_published_layouts_load(tmp_path, tiny_split):
+    """Files as the libraries publish them: timm (classifier included), torchvision (aux heads), FaceNet (logits)."""
+    images = _images(tiny_split, 2)
+    import timm
+    from safetensors.torch import save_file
+
+    reference = timm.create_model("resnet18", pretrained=False).eval()  # with its 1000-class fc, as on the hub
+    save_file(reference.state_dict(), str(tmp_path / "model.safetensors"))
+    model = load_model("resnet18", weights=str(tmp_path / "model.safetensors"))
+    with torch.inference_mode():
+        x = torch.rand(1, 3, 224, 224)
+        assert torch.allclose(model(x), reference.forward_head(reference.forward_features(x), pre_logits=True))
+
+    from torchvision.models import googlenet
+
+    tv = googlenet(weights=None, aux_logits=True, transform_input=True, init_weights=True)
+    torch.save(tv.state_dict(), tmp_path / "googlenet.pth")
+    assert load_model("googlenet", weights=str(tmp_path / "googlenet.pth")).embed_dim == 1024
+
+    face = load_model("facenet-vggface2", weights="none")
+    state = dict(face.network.state_dict())
+    state["logits.weight"], state["logits.bias"] = torch.zeros(8631, 512), torch.zeros(8631)
+    torch.save(state, tmp_path / "20180402-114759-vggface2.pt")
+    again = load_model("facenet-vggface2", weights=str(tmp_path / "20180402-114759-vggface2.pt"))
+    assert np.array_equal(embed_pil_images(face, images, "cpu"), embed_pil_images(again, images, "cpu"))
+
+
+def test_facenet_layout_matches_the_published_state_dict():
+    """Parameter names and shapes of the published VGGFace2 file (spot checks) and the network's size."""
+    state = load_model("facenet-vggface2", weights="none").network.state_dict()
+    expected = {
+        "conv2d_1a.conv.weight": (32, 3, 3, 3), "conv2d_4b.bn.running_var": (256,),
+        "repeat_1.4.branch2.2.conv.weight": (32, 32, 3, 3), "repeat_1.0.conv2d.weight": (256, 96, 1, 1),
+        "mixed_6a.branch0.conv.weight": (384, 256, 3, 3), "mixed_6a.branch1.2.conv.weight": (256, 192, 3, 3),
+        "repeat_2.9.branch1.1.conv.weight": (128, 128, 1, 7), "repeat_2.9.branch1.2.conv.weight": (128, 128, 7, 1),
+        "mixed_7a.branch0.1.conv.weight": (384, 256, 3, 3), "mixed_7a.branch2.2.bn.weight": (256,),
+        "repeat_3.4.branch1.1.conv.weight": (192, 192, 1, 3), "block8.conv2d.weight": (1792, 384, 1, 1),
+        "block8.conv2d.bias": (1792,), "last_linear.weight": (512, 1792), "last_bn.running_mean": (512,),
+    }
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == shape, key
+    assert "last_linear.bias" not in state and not any(k.startswith("logits") for k in state)
+    n_params = sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert n_params == 23_482_624  # Inception-ResNet-v1 without its classifier
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faces
+# ----------------------------------------------------------------------------------------------------------------
+def test_face_detection_crop_and_fallback(imagenette_val):
+    pytest.importorskip("cv2")
+    from PIL import Image
+
+    from helpers.models.facenet_family import FaceCropper
+
+    # an angler holding a tench: one face in the upper middle of the photo
+    person = Image.open(imagenette_val / "n01440764" / "ILSVRC2012_val_00017700.JPEG").convert("RGB")
+    cropper = FaceCropper()
+    x, y, w, h = cropper.detect(person)
+    assert 90 <= x + w / 2 <= 135 and 30 <= y + h / 2 <= 80 and 40 <= w <= 100
+    crop = cropper(person)
+    assert crop is not None and crop.width < person.width and abs(crop.width - 1.4 * w) <= 2
+    # a photo without a face: no crop, the model then embeds the whole image
+    garbage_trucks = sorted((imagenette_val / "n03417042").iterdir())[:5]
+    assert all(cropper(Image.open(p).convert("RGB")) is None for p in garbage_trucks)
+
+    model = load_model("facenet-vggface2", weights="none")
+    whole = load_model("facenet-vggface2", weights="none", face="none")
+    whole.network.load_state_dict(model.network.state_dict())
+    truck = Image.open(garbage_trucks[0]).convert("RGB")
+    assert np.array_equal(embed_pil_images(model, [truck], "cpu"), embed_pil_images(whole, [truck], "cpu"))
+    assert not np.allclose(embed_pil_images(model, [person], "cpu"), embed_pil_images(whole, [person], "cpu"))
+    assert torch.equal(model.transform()(person), model.preprocessing.transform()(crop))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pass-through names
+# ----------------------------------------------------------------------------------------------------------------
+def test_timm_pass_through():
+    model = load_model("timm:resnet18.a1_in1k", weights="none")
+    assert model.embed_dim == 512 and model.preprocessing.input_size == 224 and model.preprocessing.crop_pct == 0.95
+    vit = load_model("timm:vit_tiny_patch16_224", weights="none", pool="gem")
+    assert vit.embed_dim == 192 and vit.preprocessing.mean == (0.5, 0.5, 0.5)
+    with torch.inference_mode():
+        assert vit(torch.rand(1, 3, 224, 224)).shape == (1, 192)
+    with pytest.raises(ModelError, match="timm has no model"):
+        get_spec("timm:not_a_model")
+
+
+def test_hf_pass_through_from_a_local_folder(tmp_path):
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path / "tiny-vit"
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=64, patch_size=16)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.1, 0.2, 0.3], image_std=[0.3, 0.2, 0.1]
+                      ).save_pretrained(folder)
+    model = load_model(f"hf:{folder}", weights="pretrained")
+    assert model.embed_dim == 32 and model.spec.embed_dim == 32
+    assert model.preprocessing.input_size == 64 and model.preprocessing.mean == (0.1, 0.2, 0.3)
+    assert model.preprocessing.resize_mode == "squash"
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        out = model(x)
+        assert torch.allclose(out, model.network.model(pixel_values=x).last_hidden_state[:, 0])
+    # the folder is also a --weights PATH for the same architecture
+    again = load_model(f"hf:{folder}", weights=str(folder))
+    with torch.inference_mode():
+        assert torch.equal(again(x), out)
+    # and a state-dict file saved from the wrapper
+    with torch.no_grad():
+        for param in model.network.parameters():
+            param.mul_(1.5)
+    saved = save_weights(model, tmp_path / "hf.pt")
+    third = load_model(f"hf:{folder}", weights=str(saved))
+    with torch.inference_mode():
+        assert torch.equal(third(x), model(x)) and not torch.equal(third(x), out)
+    assert load_model(f"hf:{folder}", weights="none", pool="mean").embed_dim == 32
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit-b16", "facenet-vggface2",
+                                  pytest.param("dinov2-vits14", marks=pytest.mark.slow),
+                                  pytest.param("googlenet", marks=pytest.mark.slow),
+                                  pytest.param("hf:google/vit-base-patch16-224-in21k", marks=pytest.mark.slow)])
+def test_pretrained_offline_errors_name_the_fix(name, tmp_path):
+    code = (
+        "import sys\n"
+        "from helpers.models import load_model, ModelError\n"
+        "try:\n"
+        f"    load_model({name!r})\n"
+        "except ModelError as exc:\n"
+        "    print('MODELERROR', exc)\n"
+    )
+    env = _offline_env()
+    if name in ("googlenet", "facenet-vggface2"):  # plain URL downloads: point them at an unreachable proxy
+        env.update(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", TORCH_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert "MODELERROR" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "--weights PATH" in out.stdout and "cannot fetch" in out.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,extra", [("resnet18", []), ("dinov2-vits14", ["--pool", "gem"]),
+                                        ("clip-vit-b32", ["--pool", "gem"]), ("facenet-vggface2", []),
+                                        pytest.param("googlenet", [], marks=pytest.mark.slow),
+                                        pytest.param("vit-b16", [], marks=pytest.mark.slow),
+                                        pytest.param("efficientnet-b0", [], marks=pytest.mark.slow)])
+def test_cli_retrieve_with_random_weights_writes_a_valid_submission(name, extra, tiny_split, tmp_path):
+    from helpers.cli import main
+    from helpers.data import load_retrieval_set
+    from helpers.submission import load_submission, validate_submission
+
+    out = tmp_path / "submission.json"
+    metrics = tmp_path / "metrics.json"
+    rc = main(["retrieve", "--model", name, "--weights", "none", "--data", str(tiny_split), "--out", str(out),
+               "--metrics-out", str(metrics), "--device", "cpu", "--quiet", "--workers", "0", "--k", "5", *extra])
+    assert rc == 0
+    dataset = load_retrieval_set(tiny_split)
+    rankings = load_submission(out)
+    assert validate_submission(rankings, k=5, query_names=[p.name for p in dataset.query_paths],
+                               gallery_names=[p.name for p in dataset.gallery_paths]) == []
+    record = json.loads(metrics.read_text())
+    assert record["model_name"] == name
