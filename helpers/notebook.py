@@ -34,6 +34,9 @@ FAST_SOURCE = "imagenette-val"
 FAST_SPLIT = {"query_per_class": 2, "gallery_per_class": 6, "train_per_class": 6}
 #: Range of every metric in the metrics JSON (weighted_score is the course server's 0..1000 points).
 METRIC_RANGES = {"weighted_score": (0.0, 1000.0)}
+#: Columns notebooks show when comparing runs.
+DISPLAY_COLUMNS = ("run", "model", "weights", "pooling", "finetuned", "hit@1", "hit@5", "precision@10", "map@10",
+                   "weighted_score", "runtime_s")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -232,13 +235,31 @@ def save_outputs(run: "RetrievalRun", tag: str | None = None, grid_queries: int 
                     grid_queries=grid_queries)
 
 
-def metrics_frame(runs: Mapping[str, "RetrievalRun"] | Iterable["RetrievalRun"]) -> "pd.DataFrame":
-    """One row per run (index: its name or key), one column per metric, for display."""
+def weights_for(model: str, fast: bool) -> str:
+    """``pretrained`` in full mode; in fast mode too where the model ships its weights offline
+    (``efficientnet-lite0``), else ``none`` (random initialisation: nothing to download)."""
+    from .models import get_spec
+
+    return "pretrained" if not fast or get_spec(model).offline_weights else "none"
+
+
+def runs_frame(runs: Mapping[str, "RetrievalRun"] | Iterable["RetrievalRun"]) -> "pd.DataFrame":
+    """Runs held in memory as the rows :func:`helpers.report.load_results` reads from ``results/``."""
     import pandas as pd
 
-    items = runs.items() if isinstance(runs, Mapping) else ((r.run_name, r) for r in runs)
-    rows = {name: {**(run.metrics or {}), "seconds": run.timings.get("total")} for name, run in items}
-    return pd.DataFrame.from_dict(rows, orient="index")
+    from .report import record_row
+
+    items = runs.values() if isinstance(runs, Mapping) else runs
+    return pd.DataFrame([record_row(run.metrics_record()) for run in items])
+
+
+def metrics_frame(runs: Mapping[str, "RetrievalRun"] | Iterable["RetrievalRun"],
+                  columns: Sequence[str] = DISPLAY_COLUMNS) -> "pd.DataFrame":
+    """The comparison table (:func:`helpers.report.comparison_table`, best first) of runs, ``columns`` only."""
+    from .report import comparison_table
+
+    table = comparison_table(runs_frame(runs))
+    return table[[c for c in columns if c in table.columns]]
 
 
 def maybe_submit(

@@ -138,3 +138,39 @@ def test_maybe_submit_sends_nothing_without_group_and_url(tmp_path, capsys):
     assert maybe_submit(tmp_path / "absent.json", "", "http://localhost:1/") is None
     assert maybe_submit(tmp_path / "absent.json", "team", "") is None
     assert "not submitted" in capsys.readouterr().out
+
+
+def test_weights_for_keeps_offline_weights_in_fast_mode():
+    assert notebook.weights_for("efficientnet-lite0", fast=True) == "pretrained"
+    assert notebook.weights_for("resnet18", fast=True) == "none"
+    assert notebook.weights_for("resnet18", fast=False) == "pretrained"
+
+
+def test_class_text_queries_from_labels(tiny_split):
+    queries, truth = notebook.class_text_queries(tiny_split, template="a photo of a {}.")
+    labels = load_retrieval_set(tiny_split).labels["gallery"]
+    assert len(queries) == 10 and queries[0] == "a photo of a n01440764."
+    assert set(truth) == set(queries)
+    for query, names in truth.items():
+        assert len(names) == 4 and {labels[n] for n in names} == {query[len("a photo of a "):-1]}
+
+
+def test_class_names_fall_back_to_training_folders(tmp_path):
+    from helpers.demo import build_demo_dataset
+
+    data = build_demo_dataset(tmp_path / "d", query_per_class=1, gallery_per_class=1, train_per_class=1)
+    (data / "test" / "labels.json").unlink()
+    assert notebook.class_names(data) == [str(d) for d in range(10)]
+    assert notebook.class_text_queries(data)[1] == {}
+
+
+def test_metrics_frame_ranks_runs_best_first(tmp_path):
+    from helpers.demo import build_demo_dataset
+    from helpers.pipeline import run_retrieval
+
+    data = build_demo_dataset(tmp_path / "d", query_per_class=1, gallery_per_class=2, train_per_class=0)
+    runs = {name: run_retrieval(data, weights=weights, device="cpu", progress=False, run_name=name, k=5)
+            for name, weights in (("random", "none"), ("imagenet", "pretrained"))}
+    table = notebook.metrics_frame(runs)
+    assert list(table["run"]) == sorted(runs, key=lambda n: -runs[n].metrics["weighted_score"])
+    assert table.set_index("run").loc["imagenet", "map@10"] == pytest.approx(runs["imagenet"].metrics["map@10"])

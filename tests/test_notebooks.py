@@ -19,7 +19,9 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 MAX_CODE_LINES = 25
 MAX_FUNCTION_LINES = 5
 BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
-COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/main/notebooks/(?P<name>[\w.-]+)")
+COLAB_LINK = re.compile(
+    r"https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/main/notebooks/(?P<name>[\w.-]+)"
+)
 
 
 def code_lines(source: str) -> list[str]:
@@ -85,6 +87,7 @@ def test_parameters_cell(path):
 def test_cells_are_short_and_define_no_long_functions(path):
     for index, cell in enumerate(cells(path, "code")):
         lines = code_lines(cell.source)
+        assert lines, f"{path.name} code cell {index} is empty"
         assert len(lines) <= MAX_CODE_LINES, f"{path.name} code cell {index}: {len(lines)} lines of code"
         for node in ast.walk(ast.parse(cell.source)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
