@@ -13,7 +13,8 @@ def _model_options(args: argparse.Namespace) -> dict:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not read or write the embedding cache (random weights never use it)")
     p.add_argument("--cache-dir", metavar="DIR", help="embedding cache folder (default: ~/.cache/image-retrieval)")
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: automatic)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
