@@ -127,10 +127,31 @@ def _dense_reference():
     return module
 
 
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _start_peak() -> int:
+    """Reset the peak resident size to the current one (Linux ``clear_refs``) and return it in kB.
+
+    ``ru_maxrss`` cannot serve: Linux carries the parent's peak into a subprocess across fork and exec."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return _status_kb("VmRSS") or 0
+    except OSError:
+        return _status_kb("VmHWM") or 0
+
+
 def _measure(method: str, n: int, out: str) -> dict:
     """Runs inside the subprocess: data first, then the peak RSS added by the re-ranking."""
-    import resource
-
     x = _clustered(n)
     n_query = n // 5
     query, gallery = x[:n_query], x[n_query:]
@@ -138,14 +159,14 @@ def _measure(method: str, n: int, out: str) -> dict:
         reference = _dense_reference()
     else:
         from helpers.rerank import k_reciprocal
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _start_peak()
     t0 = time.perf_counter()
     if method == "dense":
         result = reference.dense_reference(query, gallery)
     else:
         result = k_reciprocal(query, gallery)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kb("VmHWM") or 0
     import numpy as np
 
     np.save(out, result)
