@@ -11,6 +11,7 @@ Every embedding here is L2-normalised, so a dot product is a cosine similarity. 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -114,7 +115,8 @@ def _model_device(model: EmbeddingModel) -> torch.device:
 
 
 def tokenize(model: EmbeddingModel, texts: Sequence[str]) -> torch.Tensor:
-    """Token ids (N, context length) from the model's own tokenizer."""
+    """Token ids (N, context length) from the model's own tokenizer (longer texts are cut at the context length,
+    77 tokens for CLIP)."""
     require_text_encoder(model)
     texts = [str(t) for t in texts]
     return model.network.tokenize(texts)
@@ -136,7 +138,7 @@ def encode_text(
         model.to(target)
     model.eval()
     chunks = []
-    autocast = torch.autocast("cuda", dtype=torch.float16) if target.type == "cuda" else _NullContext()
+    autocast = torch.autocast("cuda", dtype=torch.float16) if target.type == "cuda" else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         for start in range(0, len(texts), batch_size):
             ids = tokenize(model, texts[start : start + batch_size]).to(target)
@@ -160,14 +162,6 @@ def logit_scale(model: EmbeddingModel) -> float:
         if isinstance(value, (int, float)):
             return float(value)
     return CLIP_LOGIT_SCALE
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------------------------------------------
