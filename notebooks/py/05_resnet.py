@@ -1,0 +1,104 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py//py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · ResNet-18 to ResNet-152: does depth buy retrieval quality?
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/YOUR_ORG/YOUR_REPO/blob/main/notebooks/05_resnet.ipynb)
+#
+# The five ResNets of He et al. (CVPR 2016) with the original torchvision ImageNet weights, used as descriptors:
+# the last feature map pooled (`POOL`: GeM with p = 3, or global average pooling), L2-normalised, ranked by
+# cosine similarity. The table and the chart set quality (mAP@10, weighted score) against cost (seconds).
+#
+# - **Fast mode** (`RETRIEVAL_FAST=1`, default without a GPU): a small real Imagenette split from
+#   `../shared/datasets` (else the digits demo), ResNet-18 and ResNet-50 with random weights (no download): the
+#   scores are near chance, the point is that every step runs.
+# - **Full mode** (`RETRIEVAL_FAST=0`, default with a GPU): all five depths with ImageNet weights on your data.
+
+# %%
+# Colab only: fetch the project and install its requirements (Colab's own torch and torchvision are kept).
+import os, subprocess, sys
+if "google.colab" in sys.modules:
+    if not os.path.isdir("/content/project"):
+        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/YOUR_ORG/YOUR_REPO.git",
+                        "/content/project"], check=True)
+    os.chdir("/content/project")
+    sys.path.insert(0, "/content/project")
+    from helpers.notebook import colab_setup
+    colab_setup()
+
+# %% tags=["parameters"]
+FAST = None  # None: from RETRIEVAL_FAST (1 fast, 0 full; unset: fast unless a CUDA GPU is present)
+DATA_DIR = "data"  # full mode: your dataset folder, relative to the project root
+MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]  # full mode
+FAST_MODELS = ["resnet18", "resnet50"]  # fast mode (random weights)
+POOL = "gem"  # gem | gap | max
+K = 10
+BATCH_SIZE = 32
+DEVICE = "auto"
+GROUP_NAME = ""  # set both GROUP_NAME and SERVER_URL to submit the best run at the end
+SERVER_URL = ""
+
+# %%
+from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame,
+                              notebook_data, runs_frame, save_outputs, show_image, weights_for)
+from helpers.pipeline import run_retrieval
+from helpers.report import plot_metric_bars
+
+FAST = fast_mode(FAST)
+DEVICE = choose_device(DEVICE)
+DATA = notebook_data(FAST, DATA_DIR)
+PREFIX = "fast_05" if FAST else "05"
+print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}")
+
+# %% [markdown]
+# ## One run per depth
+# Each run writes its submission (`submissions/`), metrics JSON (`results/`) and grid (`visualizations/`).
+
+# %%
+runs, outputs = {}, {}
+for model in FAST_MODELS if FAST else MODELS:
+    tag = f"{PREFIX}_{model}_{POOL}"
+    runs[tag] = run_retrieval(DATA, model=model, weights=weights_for(model, FAST), k=K, batch_size=BATCH_SIZE,
+                              device=DEVICE, model_options={"pool": POOL}, run_name=tag, progress=False)
+    outputs[tag] = save_outputs(runs[tag])
+metrics_frame(runs)
+
+# %%
+plot_metric_bars(runs_frame(runs), "weighted_score", title=f"ResNet depth ({POOL} pooling)");
+
+# %% [markdown]
+# ## The best run, query by query
+# Each row: a query (blue), then its top-k gallery images, green where the class is right, red where it is not.
+
+# %%
+best = max(runs, key=lambda tag: runs[tag].metrics["weighted_score"])
+print(f"best run: {best}")
+show_image(outputs[best].grid)
+
+# %% [markdown]
+# ## Submit (optional)
+# Nothing is sent unless both `GROUP_NAME` and `SERVER_URL` are set in the parameters cell.
+
+# %%
+maybe_submit(outputs[best].submission, GROUP_NAME, SERVER_URL, data=DATA, k=K)
+
+# %% [markdown]
+# ## Checks
+# Every run wrote a valid submission, metrics in range and its grid; with ImageNet weights (full mode) the
+# query's class comes first for most queries.
+
+# %%
+for tag, out in outputs.items():
+    metrics = check_run_outputs(out.submission, DATA, out.metrics, [out.grid], k=K)
+    if runs[tag].config["weights"] == "pretrained":
+        assert metrics["hit@1"] >= 0.5, (tag, metrics)
+assert len(runs) == len(FAST_MODELS if FAST else MODELS)
+metrics_frame(runs)[["run", "hit@1", "map@10", "runtime_s"]]
