@@ -39,6 +39,13 @@ def topk_from_scores(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarr
     return top_indices.astype(np.int64), top_values.astype(np.float32)
 
 
+#: Gallery rows per block of the fused multiply + top-k: the (chunk_size x block) score tile stays small enough to
+#: be selected from while still in cache, which keeps exact search close to the cost of the multiply alone.
+DEFAULT_GALLERY_BLOCK = 16384
+#: Column groups of the two-stage selection in :func:`_tile_topk`.
+TILE_GROUPS = 16
+
+
 def cosine_topk(
     query: np.ndarray,
     gallery: np.ndarray,
@@ -48,9 +55,12 @@ def cosine_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product of L2-normalised rows (= cosine similarity).
 
-    Processes ``chunk_size`` queries at a time (and, with ``gallery_chunk_size``, the gallery in blocks, merging the
-    partial top-k lists), so the largest temporary is chunk_size x gallery_chunk_size scores. Returns ``(indices,
-    scores)`` of shape (Q, min(k, G)), best first. Works on float16 or memory-mapped galleries.
+    Processes ``chunk_size`` queries at a time against the gallery in blocks of ``gallery_chunk_size`` rows
+    (default :data:`DEFAULT_GALLERY_BLOCK`): each block's score tile is multiplied into one reused buffer and its
+    top-k taken at once, then the per-block candidates are merged. Memory stays bounded by chunk_size x block
+    scores plus one float32 copy of a block, so float16 or memory-mapped galleries are read block by block, never
+    loaded whole. Returns ``(indices, scores)`` of shape (Q, min(k, G)), best first; equal scores rank the lower
+    gallery index first (rows with a tie across a k-th position are redone exactly).
     """
     if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
         raise ValueError(f"query {query.shape} and gallery {gallery.shape} must be (n, d) with the same d")
@@ -62,31 +72,92 @@ def cosine_topk(
     out_val = np.empty((n_query, k_eff), dtype=np.float32)
     if n_query == 0 or n_gallery == 0:
         return out_idx[:, :0], out_val[:, :0]
-    full = gallery_chunk_size is None or gallery_chunk_size >= n_gallery
-    g = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32)) if full else None
+    block = max(1, min(gallery_chunk_size or DEFAULT_GALLERY_BLOCK, n_gallery))
+    chunk_size = max(1, min(chunk_size, n_query))
+    in_memory_f32 = isinstance(gallery, np.ndarray) and not isinstance(gallery, np.memmap) \
+        and gallery.dtype == np.float32 and gallery.flags.c_contiguous
+    starts = list(range(0, n_gallery, block))
+    # float32 galleries in memory are used in place; others are converted one block at a time (kept when the
+    # whole gallery is a single block).
+    blocks = [torch.from_numpy(np.ascontiguousarray(gallery[s : s + block], dtype=np.float32))
+              for s in starts] if (in_memory_f32 or len(starts) == 1) else None
+    probe = min(k_eff + 1, block)
+    scores = torch.empty(chunk_size, block, dtype=torch.float32)
+    cand_val = torch.empty(chunk_size, len(starts) * k_eff, dtype=torch.float32)
+    cand_idx = torch.empty(chunk_size, len(starts) * k_eff, dtype=torch.int64)
     for q0 in range(0, n_query, chunk_size):
         q = torch.from_numpy(np.ascontiguousarray(query[q0 : q0 + chunk_size], dtype=np.float32))
-        if g is not None:
-            idx, val = topk_from_scores(q @ g.T, k_eff)
-        else:
-            idx, val = _blockwise_topk(q, gallery, k_eff, gallery_chunk_size)
-        out_idx[q0 : q0 + len(q)] = idx
-        out_val[q0 : q0 + len(q)] = val
+        n = q.shape[0]
+        redo = torch.zeros(n, dtype=torch.bool)
+        width = 0
+        for b, start in enumerate(starts):
+            g = blocks[b] if blocks is not None else torch.from_numpy(
+                np.ascontiguousarray(gallery[start : start + block], dtype=np.float32))
+            tile = scores[:n, : g.shape[0]]
+            torch.mm(q, g.T, out=tile)
+            take = min(probe, g.shape[0])
+            val, idx = _tile_topk(tile, take, redo)
+            keep = min(k_eff, take)
+            if take > keep:  # a tie across this block's k-th position: which tied items were kept is unspecified
+                redo |= val[:, keep - 1] == val[:, keep]
+            cand_val[:n, width : width + keep] = val[:, :keep]
+            cand_idx[:n, width : width + keep] = idx[:, :keep] + start
+            width += keep
+        idx, val = _merge_candidates(cand_val[:n, :width], cand_idx[:n, :width], k_eff, redo)
+        rows = np.nonzero(idx[:, 0] < 0)[0]
+        if len(rows):
+            idx[rows], val[rows] = _exact_rows(query[q0 + rows], gallery, k_eff, block)
+        out_idx[q0 : q0 + n] = idx
+        out_val[q0 : q0 + n] = val
     return out_idx, out_val
 
 
-def _blockwise_topk(q: torch.Tensor, gallery: np.ndarray, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k over a gallery processed in blocks: each block's top-k candidates, merged with deterministic ties."""
-    cand_idx, cand_val = [], []
-    for start in range(0, gallery.shape[0], block):
-        g = torch.from_numpy(np.ascontiguousarray(gallery[start : start + block], dtype=np.float32))
-        idx, val = topk_from_scores(q @ g.T, min(k, g.shape[0]))
-        cand_idx.append(idx + start)
-        cand_val.append(val)
-    all_idx = np.concatenate(cand_idx, axis=1)
-    all_val = np.concatenate(cand_val, axis=1)
-    order = np.lexsort((all_idx, -all_val), axis=1)[:, :k]
-    return np.take_along_axis(all_idx, order, axis=1), np.take_along_axis(all_val, order, axis=1)
+def _tile_topk(tile: torch.Tensor, take: int, redo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(tile, take, sorted=True)`` in two stages for wide tiles: the column maxima of ``TILE_GROUPS``
+    interleaved groups, the ``take`` groups with the largest maxima (they hold the ``take`` largest scores), then
+    the top-``take`` of their members; a selection pass several times cheaper than a full top-k of every row.
+    Rows where group maxima tie across the selection boundary are flagged in ``redo``."""
+    n, width = tile.shape
+    groups = TILE_GROUPS
+    if width % groups or width < 4 * groups * take or not tile.is_contiguous():
+        return torch.topk(tile, take, dim=1, largest=True, sorted=True)
+    span = width // groups
+    maxima = torch.amax(tile.view(n, groups, span), dim=1)
+    gval, gidx = torch.topk(maxima, take + 1, dim=1, largest=True, sorted=True)
+    redo |= gval[:, take - 1] == gval[:, take]
+    cols = (gidx[:, :take].unsqueeze(2) + span * torch.arange(groups).view(1, 1, groups)).reshape(n, -1)
+    val, pos = torch.topk(torch.gather(tile, 1, cols), take, dim=1, largest=True, sorted=True)
+    return val, torch.gather(cols, 1, pos)
+
+
+def _merge_candidates(values: torch.Tensor, indices: torch.Tensor, k: int, redo: torch.Tensor):
+    """Top-k of per-block candidates by (score desc, gallery index asc). Rows to redo exactly (a tie across a
+    block's or the merged k-th position) come back with index -1 in their first column."""
+    probe = min(k + 1, values.shape[1])
+    top_val, pos = torch.topk(values, probe, dim=1, largest=True, sorted=True)
+    top_idx = torch.gather(indices, 1, pos)
+    v, i = top_val.numpy(), top_idx.numpy()
+    redo = redo.numpy().copy()
+    if probe > k:
+        redo |= v[:, k - 1] == v[:, k]
+    v, i = v[:, :k], i[:, :k]
+    order = np.lexsort((i, -v), axis=1)
+    i = np.take_along_axis(i, order, axis=1).astype(np.int64)
+    v = np.take_along_axis(v, order, axis=1).astype(np.float32)
+    i[redo, 0] = -1
+    return i, v
+
+
+def _exact_rows(q: np.ndarray, gallery: np.ndarray, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of a few queries over the whole gallery by (score desc, index asc), with scores computed in
+    float64 and rounded to float32, so that identical gallery vectors score identically wherever they sit."""
+    q64 = torch.from_numpy(np.asarray(q, dtype=np.float64))
+    rows = np.concatenate([
+        (q64 @ torch.from_numpy(np.asarray(gallery[s : s + block], dtype=np.float64)).T).numpy()
+        for s in range(0, gallery.shape[0], block)
+    ], axis=1).astype(np.float32)
+    idx = np.stack([_row_exact_topk(row, k) for row in rows])
+    return idx, np.take_along_axis(rows, idx, axis=1)
 
 
 def rank_names(indices: np.ndarray, gallery_names: list[str]) -> list[list[str]]:
