@@ -76,6 +76,9 @@ def test_the_cache_key_separates_models_and_tta(lite0, small_folder, tmp_path):
     random_model = load_model("efficientnet-lite0", weights="none")
     other = extract_embeddings(random_model, paths, device="cpu", cache=cache, progress=False)
     assert flip.n_computed == 2 and other.n_computed == 2
+    another_random = load_model("efficientnet-lite0", weights="none")  # a different random initialisation
+    assert extract_embeddings(another_random, paths, device="cpu", cache=cache, progress=False).n_computed == 2
+    assert extract_embeddings(another_random, paths, device="cpu", cache=cache, progress=False).n_cached == 2
 
 
 def test_flip_tta_is_mirror_invariant(lite0, small_folder):

@@ -94,6 +94,7 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 #: Prefixes for pass-through names such as ``timm:convnext_tiny``: prefix -> factory(rest of the name) -> spec.
 _PREFIX_FACTORIES: dict[str, Callable[[str], ModelSpec]] = {}
+_PREFIX_USAGE: dict[str, str] = {}
 _FAMILIES_LOADED = False
 
 
@@ -103,9 +104,17 @@ def register(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
-def register_prefix(prefix: str, factory: Callable[[str], ModelSpec]) -> None:
-    """Resolve names ``"<prefix>:<rest>"`` through ``factory(rest)``."""
+def register_prefix(prefix: str, factory: Callable[[str], ModelSpec], usage: str = "") -> None:
+    """Resolve names ``"<prefix>:<rest>"`` through ``factory(rest)``; ``usage`` shows the form, e.g.
+    ``"timm:<model name>[.<tag>]"``."""
     _PREFIX_FACTORIES[prefix] = factory
+    _PREFIX_USAGE[prefix] = usage or f"{prefix}:<name>"
+
+
+def list_prefixes() -> dict[str, str]:
+    """Pass-through prefixes and their usage, e.g. ``{"timm": "timm:<model name>[.<tag>]"}``."""
+    _load_families()
+    return dict(sorted(_PREFIX_USAGE.items()))
 
 
 def _load_families() -> None:
@@ -169,6 +178,14 @@ class EmbeddingModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(images)
 
+    def weights_fingerprint(self, values_per_tensor: int = 16) -> str:
+        """A cheap hash of the network's current parameters (a few values of every tensor)."""
+        digest = hashlib.sha256()
+        for name, tensor in self.network.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().flatten()[:values_per_tensor].float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def cache_key(self) -> str:
         """Identifies the model, its weights and its preprocessing: changing any of them invalidates the cache."""
         weights = self.weights
@@ -176,6 +193,8 @@ class EmbeddingModel(nn.Module):
             path = Path(weights)
             stat = path.stat()
             weights = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        elif weights == "none":
+            weights = f"none:{self.weights_fingerprint()}"  # every random initialisation is a different model
         payload = json.dumps(
             {
                 "name": self.spec.name,
