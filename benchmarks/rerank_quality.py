@@ -159,6 +159,9 @@ def _measure(method: str, n: int, out: str) -> dict:
         reference = _dense_reference()
     else:
         from helpers.rerank import k_reciprocal
+    import scipy.sparse  # noqa: F401 - library imports are not part of the measurement
+    import scipy.spatial.distance  # noqa: F401
+
     before = _start_peak()
     t0 = time.perf_counter()
     if method == "dense":
