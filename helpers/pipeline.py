@@ -148,8 +148,8 @@ def run_retrieval(
     Post-processing (:func:`helpers.rerank.rank_gallery`): ``rerank`` none|kreciprocal (``k1``, ``k2``,
     ``lambda_value``), ``qe`` none|avg|alpha (``qe_k``, ``qe_alpha``), ``dba`` neighbours (0: off), ``index``
     exact|flat|hnsw|ivf|auto (:mod:`helpers.index`). ``model`` may be a list: an ensemble fused by ``fusion``
-    (concat|score) with ``fusion_weights``; ``weights`` and ``model_options`` then apply to the first model, the
-    others use pretrained weights (a weight file belongs to one model).
+    (concat|score) with ``fusion_weights``; ``weights`` pretrained|none applies to every model, a weight file and
+    ``model_options`` to the first one only (the others then use pretrained weights).
     """
     start = time.perf_counter()
     dataset = data if isinstance(data, RetrievalSet) else load_retrieval_set(data)
@@ -186,7 +186,8 @@ def run_retrieval(
     # The gallery first: usually the larger set, it decides whether backend "auto" exports to ONNX Runtime.
     gallery = extract_embeddings(embedder, dataset.gallery_paths, desc="gallery", **common)
     query = extract_embeddings(embedder, dataset.query_paths, desc="query", **common)
-    extra_embedders = [m if isinstance(m, EmbeddingModel) else load_model(m, weights="pretrained", device=target)
+    extra_weights = weights if weights in ("pretrained", "none") else "pretrained"  # a weight file fits one model
+    extra_embedders = [m if isinstance(m, EmbeddingModel) else load_model(m, weights=extra_weights, device=target)
                        for m in extra_models]
     extra_query, extra_gallery = [], []
     if extra_embedders:
