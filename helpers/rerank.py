@@ -15,12 +15,15 @@ pipeline. Sources:
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
 
 from .embedding import l2_normalize
 from .search import cosine_topk, topk_from_scores
+
+logger = logging.getLogger("helpers")
 
 RERANK_CHOICES = ("none", "kreciprocal")
 QE_CHOICES = ("none", "avg", "alpha")
@@ -466,7 +469,8 @@ def rank_gallery(
             neighbours, _ = cosine_topk(query, gallery, k=qe_k)
             query = _expand(query, gallery, qe_k, qe_alpha if qe == "alpha" else 0.0, neighbours)
         if index not in ("exact", "auto"):
-            info["index_note"] = "k-reciprocal re-ranking computes exact distances: --index is not used"
+            info["index_note"] = f"k-reciprocal re-ranking computes exact distances: index {index!r} is not used"
+            logger.warning(info["index_note"])
         idx, val = rerank_topk(query, gallery, k=k, k1=k1, k2=k2, lambda_value=lambda_value)
         info["index"] = "exact"
         return idx, val, info
