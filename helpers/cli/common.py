@@ -31,11 +31,13 @@ def add_model(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
                              "(default: the family's own; see `models`)")
     parser.add_argument("--pretrained", default=None, metavar="TAG",
                         help="open_clip weight tag for clip-* models (default: openai; e.g. laion2b_s32b_b82k)")
+    parser.add_argument("--face", default=None, choices=("detect", "none"),
+                        help="facenet-vggface2: crop the detected face (default) or embed the whole image")
 
 
 def model_options(args: argparse.Namespace) -> dict:
-    """The family options given on the command line (``--pool``, ``--pretrained``), unset ones left out."""
-    return {key: getattr(args, key) for key in ("pool", "pretrained") if getattr(args, key, None) is not None}
+    """The family options given on the command line (``--pool``, ``--pretrained``, ``--face``), unset ones left out."""
+    return {key: getattr(args, key) for key in ("pool", "pretrained", "face") if getattr(args, key, None) is not None}
 
 
 def add_k(parser: argparse.ArgumentParser) -> None:

@@ -234,4 +234,4 @@ def _open_clip_spec(rest: str) -> ModelSpec:
     )
 
 
-register_prefix("open_clip", _open_clip_spec)
+register_prefix("open_clip", _open_clip_spec, "open_clip:<arch>/<tag>")

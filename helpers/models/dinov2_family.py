@@ -49,7 +49,7 @@ for _name, (_timm_name, _dim) in DINOV2_MODELS.items():
             embed_dim=_dim,
             preprocessing=DINOV2_PREPROCESSING,
             build=_build,
-            description=f"DINOv2 {_timm_name.split('_')[1].upper()}/14 (timm {_timm_name}) at 224 px, "
+            description=f"DINOv2 ViT-{_name[-3].upper()}/14 (timm {_timm_name}) at 224 px, "
                         "--pool cls (default)|mean|gem|max",
             default_pool="cls",
             pools=TOKEN_POOLS,

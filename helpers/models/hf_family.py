@@ -273,4 +273,4 @@ def _hf_spec(rest: str) -> ModelSpec:
     )
 
 
-register_prefix("hf", _hf_spec)
+register_prefix("hf", _hf_spec, "hf:<repo id or local folder>")

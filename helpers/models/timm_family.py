@@ -149,7 +149,9 @@ class TimmNetwork(nn.Module):
             kind = "a ViT (tokens)" if self.tokens else "a CNN (feature map)"
             raise ModelError(f"--pool {pool} does not apply to {kind}; choose {'|'.join(allowed)}")
         self.gem = GeM(tokens=self.tokens) if pool == "gem" else None
-        self.embed_dim = int(model.num_features)
+        # the head's pre-logits width can exceed the map's (e.g. MobileNetV3's conv head): ``default`` uses the head
+        head_width = getattr(model, "head_hidden_size", None) if pool == "default" else None
+        self.embed_dim = int(head_width or model.num_features)
         self.nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
         self.classifier = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier")
 
@@ -252,4 +254,4 @@ def _timm_spec(rest: str) -> ModelSpec:
     )
 
 
-register_prefix("timm", _timm_spec)
+register_prefix("timm", _timm_spec, "timm:<model name>[.<pretrained tag>]")
