@@ -73,6 +73,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
         print("  ".join(r[i].ljust(widths[i]) for i in range(5)) + "  " + r[5])
+    if not args.family:
+        from ..models import list_prefixes
+
+        print("pass-through (dimension and input size from the library): " + ", ".join(list_prefixes().values()))
     return 0
 
 
