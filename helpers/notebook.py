@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
+    from matplotlib.figure import Figure
+
     from .pipeline import RetrievalRun, RunOutputs
 
 FAST_ENV = "RETRIEVAL_FAST"
@@ -260,6 +262,77 @@ def metrics_frame(runs: Mapping[str, "RetrievalRun"] | Iterable["RetrievalRun"],
 
     table = comparison_table(runs_frame(runs))
     return table[[c for c in columns if c in table.columns]]
+
+
+def plot_side_by_side(
+    rankings: Mapping[str, Mapping[str, Sequence[str]]],
+    data: str | os.PathLike,
+    queries: int | Sequence[str] = 4,
+    k: int | None = None,
+    scores: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    title: str | None = None,
+    thumb_size: int = 112,
+) -> "Figure":
+    """Several runs on the same queries: per query, one row per run (named on the left), the query image then
+    that run's top-k, green/red borders where ``data``'s ground truth knows the query.
+
+    ``rankings``: run name -> submission; ``queries``: names, or how many to spread over the classes
+    (:func:`helpers.viz.pick_queries`) among those every run ranked. Built on
+    :func:`helpers.viz.plot_retrieval_grid`.
+    """
+    from .data import load_retrieval_set
+    from .viz import pick_queries, plot_retrieval_grid
+
+    if not rankings:
+        raise ValueError("give at least one run to plot")
+    dataset = load_retrieval_set(data)
+    shared = [q for q in dataset.query_names if all(q in r for r in rankings.values())]
+    if isinstance(queries, int):
+        queries = pick_queries(shared, queries, labels=dataset.labels, ground_truth=dataset.ground_truth)
+    missing = [q for q in queries if q not in shared]
+    if missing or not queries:
+        raise ValueError(f"queries not ranked by every run: {missing[:5] or 'none shared'}")
+    rows = [(q, name) for q in queries for name in rankings]
+    cut = {(q, name): list(rankings[name][q])[:k] if k else list(rankings[name][q]) for q, name in rows}
+    truth = dataset.ground_truth
+    correct = None if truth is None else [[g in truth[q] if q in truth else None for g in cut[(q, name)]]
+                                          for q, name in rows]
+    row_scores = [list(scores[name][q]) if scores and q in scores.get(name, {}) else None for q, name in rows]
+    fig = plot_retrieval_grid([dataset.query_dir / q for q, _ in rows],
+                              [[dataset.gallery_dir / g for g in cut[row]] for row in rows],
+                              row_scores, correct, thumb_size=thumb_size, title=title)
+    n_cols = len(fig.axes) // len(rows)
+    for index, (_, name) in enumerate(rows):
+        fig.axes[index * n_cols].set_ylabel(name if len(name) <= 28 else name[:25] + "...", fontsize=7, rotation=0,
+                                            ha="right", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def best_runs_on(
+    results_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    n: int = 4,
+    sort_by: str = "weighted_score",
+) -> dict[str, dict[str, list[str]]]:
+    """The ``n`` best runs of ``results_dir`` (metrics JSONs) made on the dataset folder ``data``, as run name ->
+    submission (found by :func:`helpers.report.run_artifacts`), best first."""
+    from .report import comparison_table, load_results, run_artifacts
+    from .submission import load_submission
+
+    loaded = load_results(results_dir)
+    if loaded.frame.empty:
+        return {}
+    by_file = {record["_path"]: record for record in loaded.records}
+    target = Path(data).resolve()
+    chosen: dict[str, dict[str, list[str]]] = {}
+    for row in comparison_table(loaded.frame, sort_by=sort_by).itertuples(index=False):
+        record = by_file.get(row.file) or {}
+        record_data = (record.get("config") or {}).get("data")
+        submission = run_artifacts(record, Path(results_dir))[0]
+        if record_data and Path(record_data).resolve() == target and submission is not None and len(chosen) < n:
+            chosen[row.run] = load_submission(submission)
+    return chosen
 
 
 def maybe_submit(

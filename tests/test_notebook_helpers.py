@@ -174,3 +174,43 @@ def test_metrics_frame_ranks_runs_best_first(tmp_path):
     table = notebook.metrics_frame(runs)
     assert list(table["run"]) == sorted(runs, key=lambda n: -runs[n].metrics["weighted_score"])
     assert table.set_index("run").loc["imagenet", "map@10"] == pytest.approx(runs["imagenet"].metrics["map@10"])
+
+
+def _rankings(dataset, good: bool, k: int = 5) -> dict[str, list[str]]:
+    """Each query's relevant images first (good) or last (bad), then the rest of the gallery."""
+    out = {}
+    for q in dataset.query_names:
+        relevant = dataset.ground_truth[q]
+        others = [g for g in dataset.gallery_names if g not in relevant]
+        out[q] = ((relevant + others) if good else (others + relevant))[:k]
+    return out
+
+
+def test_plot_side_by_side_rows_per_run_and_query(demo_data):
+    dataset = load_retrieval_set(demo_data)
+    runs = {"good": _rankings(dataset, True), "bad": _rankings(dataset, False)}
+    figure = notebook.plot_side_by_side(runs, demo_data, queries=2, k=3)
+    assert len(figure.axes) == 2 * 2 * (1 + 3)
+    assert [figure.axes[i * 4].get_ylabel() for i in range(4)] == ["good", "bad", "good", "bad"]
+    edge = figure.axes[1].spines["top"].get_edgecolor()  # first query, run "good", rank 1: relevant (green)
+    assert edge[1] > edge[0]
+    del runs["bad"][dataset.query_names[0]]
+    with pytest.raises(ValueError, match="not ranked by every run"):
+        notebook.plot_side_by_side(runs, demo_data, queries=[dataset.query_names[0]])
+
+
+def test_best_runs_on_filters_by_dataset_and_sorts(tmp_path, demo_data):
+    from helpers.metrics import build_metrics_record, evaluate_rankings, write_metrics
+    from helpers.submission import save_submission
+
+    dataset = load_retrieval_set(demo_data)
+    for name, good, data in (("good", True, demo_data), ("bad", False, demo_data), ("elsewhere", True, tmp_path)):
+        rankings = _rankings(dataset, good)
+        metrics = evaluate_rankings(rankings, dataset.ground_truth, k=5).metrics
+        save_submission(tmp_path / "submissions" / f"{name}.json", rankings)
+        write_metrics(tmp_path / "results" / f"{name}.json", build_metrics_record(
+            model_name=name, top_k=5, metrics=metrics, config={"data": str(data), "run_name": name}))
+    chosen = notebook.best_runs_on(tmp_path / "results", demo_data, n=4)
+    assert list(chosen) == ["good", "bad"]
+    assert chosen["good"] == _rankings(dataset, True)
+    assert list(notebook.best_runs_on(tmp_path / "results", demo_data, n=1)) == ["good"]
