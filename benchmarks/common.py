@@ -16,12 +16,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+#: ``../shared/datasets`` next to the checkout (``$RETRIEVAL_SHARED_DATASETS`` overrides the folder).
+SHARED_DATASETS = Path(os.environ.get("RETRIEVAL_SHARED_DATASETS",
+                                      Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
 
 
 def shared_dataset(name: str) -> Path:
-    """``../shared/datasets/<name>`` next to the checkout (``$RETRIEVAL_SHARED_DATASETS`` overrides the folder)."""
-    root = Path(os.environ.get("RETRIEVAL_SHARED_DATASETS", SHARED_DATASETS))
+    """``<shared datasets>/<name>``; exits with a clear message when it is absent."""
+    root = SHARED_DATASETS
     path = root / name
     if not path.is_dir():
         raise SystemExit(f"dataset {name} not found under {root}: pass --data DIR (a class-folder dataset)")

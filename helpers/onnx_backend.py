@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +37,10 @@ BACKEND_CHOICES = ("auto", "torch", "onnx")
 AUTO_MIN_IMAGES = 200
 #: Minimum per-row cosine between ONNX Runtime's and torch's embeddings for an export to be used.
 MIN_COSINE = 1 - 1e-4
+
+
+#: One runner per live model, so that its sessions serve every extraction call (re-checked by fingerprint).
+_RUNNERS: "weakref.WeakKeyDictionary[EmbeddingModel, OnnxRunner]" = weakref.WeakKeyDictionary()
 
 
 def onnx_dir() -> Path:
@@ -214,15 +219,26 @@ def resolve_backend(
         if not onnx_available():
             raise ModelError("the ONNX backend needs the packages onnxruntime and onnx "
                              "(pip install onnxruntime onnx), or use --backend torch")
-        return OnnxRunner(model, threads=threads, strict=True)
+        return _runner(model, threads, strict=True)
     if device.type != "cpu" or not onnx_available():
         return model
     try:
-        runner = OnnxRunner(model, threads=threads, strict=False)
+        runner = _runner(model, threads, strict=False)
     except Exception as exc:  # noqa: BLE001 - e.g. a model whose state cannot be fingerprinted
         logger.warning("ONNX backend unavailable for %s (%s); using torch", model.name, exc)
         return model
     size = model.preprocessing.input_size
     if n_images is not None and n_images < AUTO_MIN_IMAGES and not runner.is_exported(size, size):
         return model
+    return runner
+
+
+def _runner(model: EmbeddingModel, threads: int | None, strict: bool) -> OnnxRunner:
+    """The model's cached runner when its weights, threads, folder and strictness are unchanged, else a new one."""
+    cached = _RUNNERS.get(model)
+    if (cached is not None and cached.strict == strict and cached.threads == (threads or torch.get_num_threads())
+            and cached.folder == onnx_dir() and cached.fingerprint == model_fingerprint(model)):
+        return cached
+    runner = OnnxRunner(model, threads=threads, strict=strict)
+    _RUNNERS[model] = runner
     return runner
