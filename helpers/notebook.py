@@ -264,6 +264,51 @@ def metrics_frame(runs: Mapping[str, "RetrievalRun"] | Iterable["RetrievalRun"],
     return table[[c for c in columns if c in table.columns]]
 
 
+def pair_similarities(run: "RetrievalRun", max_pairs: int = 200_000, seed: int = 0) -> "pd.DataFrame":
+    """Cosine similarity of (query, gallery) pairs, each marked ``same class`` (relevant in the ground truth) or
+    ``different class``, with a pair-level ROC AUC in ``frame.attrs["auc"]`` (1.0: every same-class pair scores
+    above every different-class pair). At most ``max_pairs`` pairs, drawn at random when there are more."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    truth = run.dataset.ground_truth
+    if not truth:
+        raise ValueError(f"{run.dataset.root} has no ground truth: same-class pairs are unknown")
+    query_names, gallery_index = run.query.names, {g: j for j, g in enumerate(run.gallery.names)}
+    same = np.zeros((len(query_names), len(gallery_index)), dtype=bool)
+    for i, q in enumerate(query_names):
+        same[i, [gallery_index[g] for g in truth.get(q, ()) if g in gallery_index]] = True
+    similarity = run.query.embeddings @ run.gallery.embeddings.T
+    flat = np.arange(similarity.size)
+    if flat.size > max_pairs:
+        flat = np.sort(np.random.default_rng(seed).choice(flat, size=max_pairs, replace=False))
+    frame = pd.DataFrame({"similarity": similarity.ravel()[flat],
+                          "pair": np.where(same.ravel()[flat], "same class", "different class")})
+    both = frame["pair"].nunique() == 2
+    frame.attrs["auc"] = float(roc_auc_score(frame["pair"] == "same class", frame["similarity"])) if both else None
+    return frame
+
+
+def plot_pair_similarities(runs: Mapping[str, "RetrievalRun"], bins: int = 40) -> "Figure":
+    """One histogram panel per run: similarities of same-class against different-class pairs, AUC in the title."""
+    from .viz import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.0), squeeze=False, sharey=False)
+    for ax, (name, run) in zip(axes[0], runs.items()):
+        frame = pair_similarities(run)
+        for kind, color in (("different class", "#d7191c"), ("same class", "#1a9641")):
+            values = frame.loc[frame["pair"] == kind, "similarity"]
+            ax.hist(values, bins=bins, alpha=0.55, color=color, label=kind, density=True)
+        auc = frame.attrs["auc"]
+        ax.set_title(f"{name}: AUC {auc:.3f}" if auc is not None else name, fontsize=9)
+        ax.set_xlabel("cosine similarity", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plot_side_by_side(
     rankings: Mapping[str, Mapping[str, Sequence[str]]],
     data: str | os.PathLike,

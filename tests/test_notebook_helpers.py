@@ -214,3 +214,26 @@ def test_best_runs_on_filters_by_dataset_and_sorts(tmp_path, demo_data):
     assert list(chosen) == ["good", "bad"]
     assert chosen["good"] == _rankings(dataset, True)
     assert list(notebook.best_runs_on(tmp_path / "results", demo_data, n=1)) == ["good"]
+
+
+def test_pair_similarities_auc_matches_a_naive_count():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    q, g = rng.normal(size=(4, 8)), rng.normal(size=(9, 8))
+    q, g = q / np.linalg.norm(q, axis=1, keepdims=True), g / np.linalg.norm(g, axis=1, keepdims=True)
+    queries, gallery = [f"q{i}.png" for i in range(4)], [f"g{j}.png" for j in range(9)]
+    truth = {qn: [gallery[j] for j in range(9) if j % 4 == i] for i, qn in enumerate(queries)}
+    run = SimpleNamespace(dataset=SimpleNamespace(ground_truth=truth, root=Path(".")),
+                          query=SimpleNamespace(names=queries, embeddings=q),
+                          gallery=SimpleNamespace(names=gallery, embeddings=g))
+    frame = notebook.pair_similarities(run)
+    assert len(frame) == 36 and (frame["pair"] == "same class").sum() == 9
+    s = q @ g.T
+    pos = [s[i, j] for i in range(4) for j in range(9) if j % 4 == i]
+    neg = [s[i, j] for i in range(4) for j in range(9) if j % 4 != i]
+    naive = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg])
+    assert frame.attrs["auc"] == pytest.approx(naive)
+    assert len(notebook.pair_similarities(run, max_pairs=10)) == 10
