@@ -217,6 +217,12 @@ def test_pk_sampler_adapts_and_says_so(caplog):
     assert "P-K sampler" in caplog.text
     batch = [labels[i] for i in list(sampler)[:12]]
     assert sorted(batch.count(c) for c in range(3)) == [4, 4, 4]
+    # fewer classes than P, all of them large: K grows to keep about P*K images per batch
+    big = PKSampler([c for c in range(4) for _ in range(50)], classes_per_batch=8, images_per_class=4)
+    assert (big.p, big.k, big.batch_size) == (4, 8, 32) and "K=8" in big.notes[0]
+    fixed = PKSampler([c for c in range(4) for _ in range(50)], classes_per_batch=8, images_per_class=4,
+                      keep_batch=False)
+    assert (fixed.p, fixed.k) == (4, 4)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -341,3 +347,29 @@ def test_train_verb_head_only_ce_retrieves_on_the_embedding_not_logits(cifar_spl
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 512)  # 10 classes: logits would be (2, 10)
     assert main(["train", "--data", str(cifar_split), "--trainable", "layers:2", "--out", str(out)]) == 2
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_tensors_the_image_embedding_never_uses_stay_frozen():
+    """E.g. CLIP's text tower: found by one backward pass, excluded from training."""
+    from helpers.training.loop import freeze_unused
+    from helpers.training.model import RetrievalNet
+
+    class Backbone(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.network = torch.nn.Module()
+            self.network.conv = torch.nn.Conv2d(3, 4, 3)
+            self.network.bn = torch.nn.BatchNorm2d(4)
+            self.network.text = torch.nn.Linear(4, 4)  # never on the image path
+
+        def forward(self, x):
+            return self.network.bn(self.network.conv(x)).mean(dim=(-2, -1))
+
+    net = RetrievalNet(Backbone(), in_dim=4, embed_dim=8)
+    running_mean = net.backbone.network.bn.running_mean.clone()
+    unused = freeze_unused(net, 8, torch.device("cpu"))
+    assert unused == ["network.text.weight", "network.text.bias"]
+    assert not net.backbone.network.text.weight.requires_grad and net.backbone.network.conv.weight.requires_grad
+    assert torch.equal(net.backbone.network.bn.running_mean, running_mean)  # statistics untouched
+    groups = param_groups(net, None, lr=1e-4, head_lr=1e-3)
+    assert all(p is not net.backbone.network.text.weight for g in groups for p in g["params"])

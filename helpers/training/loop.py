@@ -236,6 +236,28 @@ def set_trainable(net: RetrievalNet, trainable: str) -> None:
         p.requires_grad = True
 
 
+def freeze_unused(net: RetrievalNet, input_size: int, device: torch.device) -> list[str]:
+    """Freeze backbone parameters that the image embedding never uses (e.g. CLIP's text tower), found by one
+    forward/backward pass on a dummy batch; returns their names."""
+    params = dict(net.backbone.named_parameters())
+    flags = {name: p.requires_grad for name, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    was_training = net.training
+    net.eval()  # eval mode: batch-norm statistics stay untouched, gradients still reach every used tensor
+    net.backbone(torch.zeros(2, 3, input_size, input_size, device=device)).float().sum().backward()
+    net.train(was_training)
+    unused = [name for name, p in params.items() if p.grad is None]
+    for name, p in params.items():
+        p.grad = None
+        p.requires_grad_(flags[name] and name not in unused)
+    if unused:
+        logger.info("%d backbone tensors are not used by the image embedding and stay frozen (e.g. %s)",
+                    len(unused), unused[0])
+    return unused
+
+
 def _train_mode(net: RetrievalNet) -> None:
     """Train mode, except batch norms whose parameters are frozen keep their running statistics."""
     net.train()
@@ -297,6 +319,9 @@ def train(config: TrainConfig | None = None, resume: bool = False,
     net, base = build_network(config, device=device)
     head_mode = config.trainable == "head"
     set_trainable(net, config.trainable)
+    if not head_mode:
+        with torch.random.fork_rng(devices=[]):  # the dummy pass (dropout) must not move the seeded RNG
+            freeze_unused(net, feature_preprocessing(base, config.input_size).input_size, device)
     if device.type == "cuda" and config.grad_checkpointing and not head_mode:
         for m in net.backbone.modules():
             if hasattr(m, "set_grad_checkpointing") and m is not net.backbone:
@@ -330,7 +355,8 @@ def train(config: TrainConfig | None = None, resume: bool = False,
                                  train_transform(preprocessing, config))
     train_labels = [labels[i] for i in train_idx]
     if config.sampler == "pk":
-        sampler = PKSampler(train_labels, config.classes_per_batch, config.images_per_class)
+        sampler = PKSampler(train_labels, config.classes_per_batch, config.images_per_class,
+                            keep_batch=config.pk_keep_batch)
         notes += sampler.notes
         loader = DataLoader(train_set, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
                             num_workers=0 if head_mode else config.num_workers)

@@ -119,16 +119,24 @@ class Criterion(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # P-K batches
 # --------------------------------------------------------------------------------------------------------------
-def adapt_pk(labels: Sequence[int], classes_per_batch: int, images_per_class: int) -> tuple[int, int, list[str]]:
-    """The P and K that the data allows, with a note for each adaptation (also logged)."""
+def adapt_pk(labels: Sequence[int], classes_per_batch: int, images_per_class: int, keep_batch: bool = True
+             ) -> tuple[int, int, list[str]]:
+    """The P and K that the data allows, with a note for each adaptation (also logged).
+
+    Fewer classes than P: P becomes the number of classes and, with ``keep_batch``, K grows so that the batch keeps
+    about P*K images (at most the smallest class's size, so that no image repeats within a batch for it).
+    Classes with fewer than K images: their images repeat within a batch (sampled with replacement).
+    """
     counts = Counter(int(label) for label in labels)
     notes: list[str] = []
     p, k = classes_per_batch, images_per_class
     if len(counts) < 2:
         raise ValueError(f"metric learning needs at least 2 classes in the training folders, found {len(counts)}")
     if len(counts) < p:
-        notes.append(f"only {len(counts)} classes (< P={p}): batches hold P={len(counts)} classes x K={k} images")
         p = len(counts)
+        if keep_batch:
+            k = max(k, min(classes_per_batch * images_per_class // p, min(counts.values())))
+        notes.append(f"only {p} classes (< P={classes_per_batch}): batches hold P={p} classes x K={k} images")
     small = sorted(c for c, n in counts.items() if n < k)
     if small:
         notes.append(f"{len(small)} class(es) have fewer than K={k} images: their images repeat within a batch")
@@ -144,10 +152,10 @@ class PKSampler(Sampler[int]):
     """
 
     def __init__(self, labels: Sequence[int], classes_per_batch: int = 32, images_per_class: int = 4,
-                 length: int | None = None) -> None:
+                 length: int | None = None, keep_batch: bool = True) -> None:
         from pytorch_metric_learning.samplers import MPerClassSampler
 
-        self.p, self.k, self.notes = adapt_pk(labels, classes_per_batch, images_per_class)
+        self.p, self.k, self.notes = adapt_pk(labels, classes_per_batch, images_per_class, keep_batch)
         self.batch_size = self.p * self.k
         n = len(labels) if length is None else length
         n = max(self.batch_size, (n // self.batch_size) * self.batch_size)

@@ -67,6 +67,7 @@ class TrainConfig:
     sampler: str = "pk"  # pk | random (simclr)
     classes_per_batch: int = 32
     images_per_class: int = 4
+    pk_keep_batch: bool = True  # fewer classes than P: raise K to keep ~P*K images per batch
     batch_size: int = 128  # random batches (simclr) and feature extraction
     grad_accum: int = 1
     # optimisation
