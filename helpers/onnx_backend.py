@@ -148,6 +148,9 @@ class OnnxRunner:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if os.environ.get("RETRIEVAL_ORT_SPIN", "0") != "1":
+            # Idle worker threads sleep instead of spinning: image decoding processes share the same cores.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def _session(self, size: tuple[int, int]):
