@@ -309,6 +309,17 @@ def plot_pair_similarities(runs: Mapping[str, "RetrievalRun"], bins: int = 40) -
     return fig
 
 
+def _row_labels(names: Sequence[str], limit: int = 28) -> dict[str, str]:
+    """Short labels: the prefix every name shares (up to an ``_``) dropped, long ones cut at the start."""
+    prefix = os.path.commonprefix(list(names)) if len(names) > 1 else ""
+    prefix = prefix[: prefix.rfind("_") + 1]
+    labels = {}
+    for name in names:
+        short = name[len(prefix):] or name
+        labels[name] = short if len(short) <= limit else "..." + short[-(limit - 3):]
+    return labels
+
+
 def plot_side_by_side(
     rankings: Mapping[str, Mapping[str, Sequence[str]]],
     data: str | os.PathLike,
@@ -347,9 +358,9 @@ def plot_side_by_side(
                               [[dataset.gallery_dir / g for g in cut[row]] for row in rows],
                               row_scores, correct, thumb_size=thumb_size, title=title)
     n_cols = len(fig.axes) // len(rows)
+    labels = _row_labels(list(rankings))
     for index, (_, name) in enumerate(rows):
-        fig.axes[index * n_cols].set_ylabel(name if len(name) <= 28 else name[:25] + "...", fontsize=7, rotation=0,
-                                            ha="right", va="center")
+        fig.axes[index * n_cols].set_ylabel(labels[name], fontsize=7, rotation=0, ha="right", va="center")
     fig.tight_layout()
     return fig
 
