@@ -373,3 +373,17 @@ def test_tensors_the_image_embedding_never_uses_stay_frozen():
     assert torch.equal(net.backbone.network.bn.running_mean, running_mean)  # statistics untouched
     groups = param_groups(net, None, lr=1e-4, head_lr=1e-3)
     assert all(p is not net.backbone.network.text.weight for g in groups for p in g["params"])
+
+
+def test_simclr_learns_from_unlabeled_query_and_gallery_images(cifar_split, tmp_path):
+    from helpers.training import train
+
+    config = make_config("simclr", data=str(cifar_split), epochs=1, batch_size=16, out=str(tmp_path / "simclr"),
+                         **{k: v for k, v in SMALL.items() if k not in ("classes_per_batch", "images_per_class")})
+    assert config.trainable == "all" and config.loss == "ntxent" and config.sampler == "random"
+    result = train(config)
+    saved = json.loads((tmp_path / "simclr" / "config.json").read_text())
+    assert saved["steps_per_epoch"] == 50 // 16  # the 20 query + 30 gallery images, two views each
+    assert result.history[0]["train_loss"] > 0 and "val_map@10" in result.history[0]
+    with pytest.raises(ValueError, match="cannot train on cached features"):
+        make_config("simclr", trainable="head")
