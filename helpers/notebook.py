@@ -457,3 +457,29 @@ def check_run_outputs(
         assert grid.is_file() and grid.stat().st_size > 0, f"grid {grid} is missing or empty"
         assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"grid {grid} is not a PNG file"
     return values
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Committing notebooks
+# --------------------------------------------------------------------------------------------------------------
+def clear_outputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Remove outputs and execution counts from notebooks in place (they are committed without); returns the files
+    that changed. Command line: ``python -m helpers.notebook notebooks/*.ipynb``."""
+    import nbformat
+
+    changed = []
+    for path in map(Path, paths):
+        notebook = nbformat.read(path, as_version=4)
+        dirty = False
+        for cell in notebook.cells:
+            if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None):
+                cell.outputs, cell.execution_count, dirty = [], None, True
+        if dirty:
+            nbformat.write(notebook, path)
+            changed.append(path)
+    return changed
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through clear_outputs
+    for cleared in clear_outputs(sys.argv[1:]):
+        print(f"cleared {cleared}")

@@ -237,3 +237,18 @@ def test_pair_similarities_auc_matches_a_naive_count():
     naive = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg])
     assert frame.attrs["auc"] == pytest.approx(naive)
     assert len(notebook.pair_similarities(run, max_pairs=10)) == 10
+
+
+def test_clear_outputs(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("1+1")])
+    nb.cells[1].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=1)]
+    nb.cells[1].execution_count = 1
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, path)
+    assert notebook.clear_outputs([path]) == [path]
+    cleared = nbformat.read(path, as_version=4)
+    assert cleared.cells[1].outputs == [] and cleared.cells[1].execution_count is None
+    assert cleared.cells[1].source == "1+1"
+    assert notebook.clear_outputs([path]) == []
