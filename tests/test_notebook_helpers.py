@@ -164,16 +164,22 @@ def test_class_names_fall_back_to_training_folders(tmp_path):
     assert notebook.class_text_queries(data)[1] == {}
 
 
-def test_metrics_frame_ranks_runs_best_first(tmp_path):
-    from helpers.demo import build_demo_dataset
-    from helpers.pipeline import run_retrieval
+def test_metrics_frame_ranks_runs_best_first(demo_data):
+    from types import SimpleNamespace
 
-    data = build_demo_dataset(tmp_path / "d", query_per_class=1, gallery_per_class=2, train_per_class=0)
-    runs = {name: run_retrieval(data, weights=weights, device="cpu", progress=False, run_name=name, k=5)
-            for name, weights in (("random", "none"), ("imagenet", "pretrained"))}
+    from helpers.metrics import build_metrics_record, evaluate_rankings
+
+    dataset = load_retrieval_set(demo_data)
+    runs = {}
+    for name, good in (("bad", False), ("good", True)):
+        metrics = evaluate_rankings(_rankings(dataset, good), dataset.ground_truth, k=5).metrics
+        record = build_metrics_record(model_name="m", top_k=5, metrics=metrics, config={"run_name": name},
+                                      runtime_seconds=1.0, extra={"run_name": name})
+        runs[name] = SimpleNamespace(metrics_record=lambda record=record: record, metrics=metrics)
     table = notebook.metrics_frame(runs)
-    assert list(table["run"]) == sorted(runs, key=lambda n: -runs[n].metrics["weighted_score"])
-    assert table.set_index("run").loc["imagenet", "map@10"] == pytest.approx(runs["imagenet"].metrics["map@10"])
+    assert list(table["run"]) == ["good", "bad"]
+    assert list(table.columns) == [c for c in notebook.DISPLAY_COLUMNS if c in table.columns]
+    assert table.set_index("run").loc["good", "map@10"] == pytest.approx(runs["good"].metrics["map@10"])
 
 
 def _rankings(dataset, good: bool, k: int = 5) -> dict[str, list[str]]:
