@@ -258,3 +258,22 @@ def test_clear_outputs(tmp_path):
     assert cleared.cells[1].outputs == [] and cleared.cells[1].execution_count is None
     assert cleared.cells[1].source == "1+1"
     assert notebook.clear_outputs([path]) == []
+
+
+def test_in_colab_and_choose_device(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    assert notebook.in_colab() is False
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert notebook.in_colab() is True
+    assert notebook.choose_device("cpu") == "cpu"
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert notebook.choose_device() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert notebook.choose_device() == "cpu"
