@@ -56,6 +56,7 @@ GROUP_NAME = ""  # set both GROUP_NAME and SERVER_URL to submit the best run at 
 SERVER_URL = ""
 
 # %%
+from helpers.models import load_model
 from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame,
                               notebook_data, runs_frame, save_outputs, show_image, weights_for)
 from helpers.pipeline import run_retrieval
@@ -73,25 +74,24 @@ print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}")
 # Each run writes its submission (`submissions/`), metrics JSON (`results/`) and grid (`visualizations/`).
 
 # %%
-runs, outputs = {}, {}
-for model, pool in FAST_RUNS if FAST else RUNS:
-    tag = f"{PREFIX}_{model}_{pool}"
-    runs[tag] = run_retrieval(DATA, model=model, weights=weights_for(model, FAST), model_options={"pool": pool},
-                              run_name=tag, **COMMON)
+runs, outputs, models = {}, {}, {}
+for name, pool in FAST_RUNS if FAST else RUNS:
+    tag = f"{PREFIX}_{name}_{pool}"
+    models[tag] = load_model(name, weights=weights_for(name, FAST), device=DEVICE, pool=pool)
+    runs[tag] = run_retrieval(DATA, model=models[tag], run_name=tag, **COMMON)
     outputs[tag] = save_outputs(runs[tag])
 metrics_frame(runs)
 
 # %% [markdown]
 # ## Post-processing on the best descriptor
-# The embeddings come from the cache; only the ranking changes.
+# The same model object is reused, so the embeddings come from the cache (even with random weights, whose every
+# initialisation is a different model for the cache); only the ranking changes.
 
 # %%
 best_tag = max(runs, key=lambda tag: runs[tag].metrics["weighted_score"])
-model, pool = runs[best_tag].config["model"], runs[best_tag].config["model_options"]["pool"]
 for name, options in POSTPROCESSING.items():
-    tag = f"{PREFIX}_{model}_{pool}_{name}"
-    runs[tag] = run_retrieval(DATA, model=model, weights=weights_for(model, FAST), model_options={"pool": pool},
-                              run_name=tag, **options, **COMMON)
+    tag = f"{best_tag}_{name}"
+    runs[tag] = run_retrieval(DATA, model=models[best_tag], run_name=tag, **options, **COMMON)
     outputs[tag] = save_outputs(runs[tag])
 metrics_frame(runs)
 
@@ -123,6 +123,6 @@ for tag, out in outputs.items():
     metrics = check_run_outputs(out.submission, DATA, out.metrics, [out.grid], k=K)
     if runs[tag].config["weights"] == "pretrained":
         assert metrics["hit@1"] >= 0.5, (tag, metrics)
-assert all(runs[f"{PREFIX}_{model}_{pool}_{name}"].gallery.n_computed == 0 for name in POSTPROCESSING)
+assert all(runs[f"{best_tag}_{name}"].gallery.n_computed == 0 for name in POSTPROCESSING)
 assert len(runs) == len(FAST_RUNS if FAST else RUNS) + len(POSTPROCESSING)
 metrics_frame(runs)[["run", "hit@1", "map@10"]]
