@@ -47,6 +47,8 @@ def run(cmd: list[str], env: dict[str, str]) -> float:
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    print(f"# {seconds:7.1f} s  {' '.join(Path(c).name if c.startswith('/') else c for c in cmd[:4])} ...",
+          flush=True)
     if done.returncode != 0:
         raise SystemExit(f"command failed ({' '.join(cmd)}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return seconds

@@ -85,7 +85,8 @@ def exact_part(n_query: int, n_gallery: int, dim: int, k: int, faiss_flat: bool)
                 ["path", "seconds", "x plain multiply", "queries/s", f"recall@{k} vs project"], rows)
 
 
-def real_embeddings(limit: int | None, batch_size: int, cache_dir: str | None) -> np.ndarray:
+def real_embeddings(limit: int | None, batch_size: int, cache_dir: str | None,
+                    datasets: tuple[str, ...] = DATASETS) -> np.ndarray:
     """The default model's embeddings of every image of the shared datasets (embedding cache: computed once)."""
     from helpers.embedding import EmbeddingCache, extract_embeddings
     from helpers.models import DEFAULT_MODEL, load_model
@@ -93,10 +94,10 @@ def real_embeddings(limit: int | None, batch_size: int, cache_dir: str | None) -
     from .common import SHARED_DATASETS
 
     paths = []
-    for name in DATASETS:
+    for name in datasets:
         root = SHARED_DATASETS / name
         if root.is_dir():
-            paths += class_folder_images(root, None if limit is None else max(1, limit // len(DATASETS)))
+            paths += class_folder_images(root, None if limit is None else max(1, limit // len(datasets)))
     if not paths:
         raise SystemExit(f"no dataset under {SHARED_DATASETS}")
     model = load_model(DEFAULT_MODEL, device="cpu")
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None,
                         help="real images used for the HNSW/IVF part (default: every image of the shared datasets)")
     parser.add_argument("--ann-queries", type=int, default=1000)
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="shared datasets embedded for the ANN part")
     parser.add_argument("--million", type=int, default=1_000_000, help="synthetic fp16 gallery size (0: skip)")
     parser.add_argument("--million-queries", type=int, default=1000)
     parser.add_argument("--no-ivf", action="store_true", help="skip the IVF index on the synthetic gallery")
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if "exact" in parts:
         exact_part(args.queries, args.gallery, args.dim, args.k, not args.no_faiss_flat)
     if "ann" in parts:
-        ann_part(real_embeddings(args.limit, 32, args.cache_dir), args.ann_queries, args.k)
+        ann_part(real_embeddings(args.limit, 32, args.cache_dir, tuple(args.datasets.split(","))), args.ann_queries,
+                 args.k)
     if "million" in parts and args.million > 0:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             million_part(args.million, args.dim, args.million_queries, args.k, Path(tmp), not args.no_ivf)
