@@ -120,11 +120,18 @@ def ann_part(embeddings: np.ndarray, n_query: int, k: int) -> None:
     rows = [["exact (cosine_topk)", None, 1.0, len(query) / exact_s, 1.0, gallery.nbytes / 2**20]]
     for kind in ("flat", "hnsw", "ivf"):
         before = rss_mb()
-        build_s, index = timed(lambda: build_index(gallery, kind=kind))
+        options = {}
+        if kind == "ivf":  # 4 sqrt(G) lists need 39 x that many vectors to train; else sqrt(G) lists
+            from helpers.index import MIN_POINTS_PER_CENTROID, default_nlist
+
+            if len(gallery) < MIN_POINTS_PER_CENTROID * default_nlist(len(gallery)):
+                options["nlist"] = max(1, int(np.sqrt(len(gallery))))
+        build_s, index = timed(lambda: build_index(gallery, kind=kind, **options))
         grown = rss_mb() - before
         search_s, (idx, _) = timed(lambda: index.search(query, k=k), repeats=3)
         params = ", ".join(f"{a}={b}" for a, b in index.params.items())
-        rows.append([f"{kind} ({params})" if params else kind, build_s, recall_at(idx, exact),
+        label = kind if index.kind == kind else f"{kind} (fell back to {index.kind})"
+        rows.append([f"{label} ({params})" if params else label, build_s, recall_at(idx, exact),
                      len(query) / search_s, (len(query) / search_s) / (len(query) / exact_s), max(grown, 0.0)])
     print_table(f"Approximate search on real embeddings: {len(query):,} held-out queries x {len(gallery):,} gallery, "
                 f"d={embeddings.shape[1]}",
@@ -148,7 +155,10 @@ def million_part(n_gallery: int, dim: int, n_query: int, k: int, workdir: Path, 
     query = unit_vectors(n_query, dim, 7)
     with PeakMemory() as mem:
         exact_s, (exact, _) = timed(lambda: cosine_topk(query, gallery, k=k))
-    rows = [[f"exact, float16 memmap ({path.stat().st_size / 2**30:.2f} GiB on disk), 2,048-row blocks",
+    from helpers.search import DEFAULT_GALLERY_BLOCK
+
+    rows = [[f"exact, float16 memmap ({path.stat().st_size / 2**30:.2f} GiB on disk, counted in RSS once its pages "
+             f"are read), {DEFAULT_GALLERY_BLOCK:,}-row blocks",
              0.0, n_query / exact_s, 1.0, mem.peak_mb]]
     if ivf:
         import faiss
