@@ -387,3 +387,18 @@ def test_simclr_learns_from_unlabeled_query_and_gallery_images(cifar_split, tmp_
     assert result.history[0]["train_loss"] > 0 and "val_map@10" in result.history[0]
     with pytest.raises(ValueError, match="cannot train on cached features"):
         make_config("simclr", trainable="head")
+
+
+def test_head_only_checkpoint_of_a_random_backbone_reloads_identically(cifar_split, tmp_path):
+    """A random backbone cannot be rebuilt from its name: the checkpoint must carry it."""
+    from helpers.cli import main
+    from helpers.training import load_checkpoint_model
+
+    out = tmp_path / "random-head"
+    assert main(["train", "--data", str(cifar_split), "--weights", "none", "--trainable", "head", "--epochs", "1",
+                 "--input-size", "32", "--classes-per-batch", "4", "--out", str(out), "--quiet"]) == 0
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        first = load_checkpoint_model(out / "best.pt")(x)
+        second = load_checkpoint_model(out / "best.pt")(x)
+    assert torch.equal(first, second)

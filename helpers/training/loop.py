@@ -199,7 +199,7 @@ def _save(path: Path, payload: dict[str, Any]) -> Path:
 
 
 def _model_state(net: RetrievalNet, head_only: bool) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of the weights (head mode leaves out the frozen, published backbone)."""
+    """A detached CPU copy of the weights (``head_only`` leaves out the frozen, published backbone)."""
     return {
         k: v.detach().cpu().clone()
         for k, v in net.state_dict().items()
@@ -460,10 +460,12 @@ def train(config: TrainConfig | None = None, resume: bool = False,
         history.append(row)
         score = metrics[MONITOR] if metrics else epoch  # no validation: the latest epoch is the best
         info = training_info(config, history, epoch, net.backbone.pool_type)
-        common = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "head_only_state": head_mode,
+        # Only the published backbone can be rebuilt identically: a random or local-file backbone is saved whole.
+        head_only_state = head_mode and config.weights == "pretrained"
+        common = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "head_only_state": head_only_state,
                   "backbone_weights": config.weights, "epoch": epoch, "metrics": metrics, "training_info": info,
                   "classes": classes}
-        model_state = _model_state(net, head_mode)
+        model_state = _model_state(net, head_only_state)
         improved = score > best_score
         if improved:
             best_score, best_epoch, bad_epochs, best_metrics = score, epoch, 0, metrics
