@@ -32,6 +32,8 @@ logger = logging.getLogger("helpers")
 #: Metrics drawn as bar charts by :func:`write_report`.
 PLOT_METRICS = ("weighted_score", "hit@1", "map@10")
 #: ``config`` keys read as re-ranking options (and keys starting with one of ``RERANK_PREFIXES``).
+#: Metrics JSONs of this project that are not retrieval runs (``helpers.text``): left out quietly.
+OTHER_TASKS = ("zero-shot", "text-search")
 RERANK_KEYS = ("rerank", "reranking", "query_expansion", "qe", "alpha_qe", "k_reciprocal", "dba", "ensemble",
                "fusion", "diffusion")
 RERANK_PREFIXES = ("rerank", "qe_", "dba", "k_reciprocal", "fusion", "ensemble")
@@ -166,6 +168,9 @@ def load_results(results_dir: str | os.PathLike = "results", recursive: bool = T
             continue
         except OSError as exc:
             skipped.append((path, f"unreadable: {exc}"))
+            continue
+        if isinstance(raw, dict) and raw.get("task") in OTHER_TASKS:
+            logger.info("%s: a %s record, not a retrieval run; left out of the comparison", path, raw["task"])
             continue
         problem = schema_problem(raw)
         if problem:
