@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .data import DataError, RetrievalSet, load_retrieval_set
 from .embedding import EmbeddingCache, EmbeddingResult, extract_embeddings
 from .metrics import EvaluationResult, build_metrics_record, evaluate_rankings, write_metrics
 from .models import DEFAULT_MODEL, EmbeddingModel, load_model, resolve_device
 from .rerank import POSTPROCESS_DEFAULTS, align_by_path, postprocess_config, rank_gallery
-from .search import cosine_topk
 from .submission import save_submission
 
 logger = logging.getLogger("helpers")
@@ -197,13 +195,6 @@ def run_retrieval(
                                  for e in extra_embedders]
         (query, *extra_query), (gallery, *extra_gallery) = align_by_path(queries), align_by_path(galleries)
         extra_query, extra_gallery = [r.embeddings for r in extra_query], [r.embeddings for r in extra_gallery]
-    search_info: dict[str, Any] = {}
-
-    def postprocessed_search(query_emb: np.ndarray, gallery_emb: np.ndarray, k: int):
-        """Fusion with the other models, DBA, index, query expansion and re-ranking (``rank_gallery``)."""
-        idx, val, info = rank_gallery([query_emb, *extra_query], [gallery_emb, *extra_gallery], k=k, **post)
-        search_info.update(info)
-        return idx, val
     timings["embed_query"], timings["embed_gallery"] = query.seconds, gallery.seconds
     if len(gallery.paths) == 0:
         raise DataError(f"no gallery image of {dataset.gallery_dir} could be read")
@@ -217,7 +208,10 @@ def run_retrieval(
 
         query_embeddings = compose_query(query_embeddings, encode_text(embedder, [text_modifier]), text_weight)
     t0 = time.perf_counter()
-    indices, similarities = postprocessed_search(query_embeddings, gallery.embeddings, k=k)
+    # fusion with the other models, DBA, index, query expansion and re-ranking
+    indices, similarities, search_info = rank_gallery(
+        [query_embeddings, *extra_query], [gallery.embeddings, *extra_gallery], k=k, **post
+    )
     timings["search"] = time.perf_counter() - t0
     gallery_names = gallery.names
     rankings = {q: [gallery_names[j] for j in row] for q, row in zip(query.names, indices)}

@@ -206,7 +206,7 @@ def _hub_call(name: str, what: str, fn, *args, **kwargs):
         raise pretrained_download_error(
             name, f"the Hugging Face hub ({what})", exc,
             f"a folder with the repository's config.json, preprocessor_config.json and weights, given as hf:FOLDER, "
-            f"or the weight file itself",
+            "or the weight file itself",
         ) from None
 
 
