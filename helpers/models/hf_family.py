@@ -205,7 +205,7 @@ def _hub_call(name: str, what: str, fn, *args, **kwargs):
     except Exception as exc:  # noqa: BLE001 - OSError, HTTP errors, offline-mode errors...
         raise pretrained_download_error(
             name, f"the Hugging Face hub ({what})", exc,
-            f"a folder with the repository's config.json, preprocessor_config.json and weights, given as hf:FOLDER, "
+            "a folder with the repository's config.json, preprocessor_config.json and weights, given as hf:FOLDER, "
             "or the weight file itself",
         ) from None
 
