@@ -402,3 +402,18 @@ def test_head_only_checkpoint_of_a_random_backbone_reloads_identically(cifar_spl
         first = load_checkpoint_model(out / "best.pt")(x)
         second = load_checkpoint_model(out / "best.pt")(x)
     assert torch.equal(first, second)
+
+
+def test_mirrored_feature_extractor_sees_the_mirror_image_and_caches_separately():
+    """``head_flip``: the second cached view of each training image is its horizontal mirror."""
+    from helpers.training.model import FeatureExtractor, build_network
+
+    net, base = build_network(make_config("circle", weights="none"))
+    net.eval()
+    plain = FeatureExtractor(base, net.backbone, 64, net.in_dim)
+    mirrored = FeatureExtractor(base, net.backbone, 64, net.in_dim, flip=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(mirrored(x), plain(torch.flip(x, dims=[3])), atol=1e-5)
+        assert not torch.allclose(mirrored(x), plain(x), atol=1e-3)
+    assert mirrored.cache_key() != plain.cache_key()

@@ -54,6 +54,8 @@ def register(subparsers) -> None:
     p.add_argument("--grad-clip", type=float, default=None, help="default: 1.0 (0 disables)")
     p.add_argument("--patience", type=positive_int, default=None, help="early stopping on val map@10 (default: 5)")
     p.add_argument("--val-fraction", type=float, default=None, help="held-out share per class (default: 0.1)")
+    p.add_argument("--head-flip", type=_bool, default=None, metavar="on|off",
+                   help="--trainable head: also train on the mirror images' cached features (default: on)")
     p.add_argument("--amp", type=_bool, default=None, metavar="on|off", help="mixed precision on GPU (default: on)")
     p.add_argument("--grad-checkpointing", type=_bool, default=None, metavar="on|off", help="on GPU (default: on)")
     p.add_argument("--unlabeled", action="append", default=None, metavar="DIR",
@@ -76,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         images_per_class=args.images_per_class, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
         warmup_fraction=args.warmup_fraction, grad_clip=args.grad_clip, patience=args.patience,
-        val_fraction=args.val_fraction, amp=args.amp, grad_checkpointing=args.grad_checkpointing,
+        val_fraction=args.val_fraction, head_flip=args.head_flip, amp=args.amp, grad_checkpointing=args.grad_checkpointing,
         unlabeled=args.unlabeled, seed=args.seed, device=args.device, num_workers=args.workers,
         progress=False if args.quiet else None,
     )

@@ -343,8 +343,20 @@ def train(config: TrainConfig | None = None, resume: bool = False,
         feats = torch.from_numpy(result.embeddings)
         keep = lambda idx: [i for i in idx if paths[i] in row_of]  # noqa: E731  unreadable files are skipped
         train_idx, val_idx = keep(train_idx), keep(val_idx)
-        train_set = TensorDataset(feats[[row_of[paths[i]] for i in train_idx]],
-                                  torch.tensor([labels[i] for i in train_idx]))
+        train_feats = feats[[row_of[paths[i]] for i in train_idx]]
+        train_targets = [labels[i] for i in train_idx]
+        if config.head_flip:  # the mirror images' features: a second, cached view of every training image
+            mirrored = extract_embeddings(
+                FeatureExtractor(base, net.backbone, config.input_size, net.in_dim, flip=True),
+                [paths[i] for i in train_idx], batch_size=min(config.batch_size, 64), device=device,
+                cache=EmbeddingCache(), progress=config.progress, desc="mirrored features",
+                num_workers=config.num_workers or None)
+            mirror_row = {p: i for i, p in enumerate(mirrored.paths)}
+            both = [i for i in train_idx if paths[i] in mirror_row]
+            train_feats = torch.cat([train_feats, torch.from_numpy(mirrored.embeddings)[
+                [mirror_row[paths[i]] for i in both]]])
+            train_targets = train_targets + [labels[i] for i in both]
+        train_set = TensorDataset(train_feats, torch.tensor(train_targets))
         val_feats = feats[[row_of[paths[i]] for i in val_idx]] if val_idx else None
     elif config.loss == "ntxent":
         unlabeled = _unlabeled_paths(config, [paths[i] for i in train_idx])
@@ -353,7 +365,7 @@ def train(config: TrainConfig | None = None, resume: bool = False,
     else:
         train_set = ImageDataset([paths[i] for i in train_idx], [labels[i] for i in train_idx],
                                  train_transform(preprocessing, config))
-    train_labels = [labels[i] for i in train_idx]
+    train_labels = train_targets if head_mode else [labels[i] for i in train_idx]
     if config.sampler == "pk":
         sampler = PKSampler(train_labels, config.classes_per_batch, config.images_per_class,
                             keep_batch=config.pk_keep_batch)

@@ -118,12 +118,19 @@ def build_network(config: TrainConfig, weights: str | None = None, device: str |
 class FeatureExtractor(EmbeddingModel):
     """The frozen backbone with the run's pooling as an EmbeddingModel (for the cached features of ``--trainable head``)."""
 
-    def __init__(self, base: EmbeddingModel, backbone: PooledBackbone, input_size: int | None, dim: int) -> None:
+    def __init__(self, base: EmbeddingModel, backbone: PooledBackbone, input_size: int | None, dim: int,
+                 flip: bool = False) -> None:
         spec = dataclasses.replace(base.spec, embed_dim=dim)
         options = dict(base.options)
         options["training_pool"] = backbone.pool_type
+        if flip:
+            options["mirrored"] = True  # a separate cache entry
         super().__init__(spec, backbone, base.weights, options)
         self.preprocessing = feature_preprocessing(base, input_size)
+        self.flip = flip
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(torch.flip(images, dims=[3]) if self.flip else images)
 
 
 class TrainedEmbeddingModel(EmbeddingModel):

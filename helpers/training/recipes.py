@@ -47,6 +47,9 @@ class TrainConfig:
     embed_dim: int = 512
     dropout: float = 0.1
     input_size: int | None = None
+    #: ``--trainable head``: also train on the cached features of each training image's mirror image (the cached
+    #: features see no random augmentation; the horizontal flip is the one that can be cached).
+    head_flip: bool = True
     # loss and mining
     loss: str = "circle"
     circle_m: float = 0.4
