@@ -2,12 +2,14 @@
 
 Trains on ``cifar10-train-1000`` (10 classes x 1,000 images) and evaluates on a split of ``cifar10-test``
 (``--query-per-class`` queries and ``--gallery-per-class`` gallery images per class). Full fine-tuning runs at
-``--full-input-size`` (default: 224 px on a GPU, 64 px on a CPU, where 224 px runs at ~7 images/s); the frozen
+``--full-input-size`` (default: 224 px on a GPU, 128 px on a CPU, where 224 px runs at ~7 images/s); the frozen
 backbone is also scored at that size, so that each trained model has its own baseline.
 
     python -m benchmarks training                      # all three
     python -m benchmarks training --skip-full          # frozen vs head-only only
     python -m benchmarks training --train-per-class 200 --full-epochs 3   # a quicker CPU run
+    python -m benchmarks training --device cpu --skip-head --full-recipe ce --full-epochs 17 --full-lr 1e-3 \
+        --full-layer-decay 0.8                        # full fine-tuning to hit@1 0.87 in 47 min on a 2-core CPU
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-class", type=int, default=None, help="default: all 1,000")
     parser.add_argument("--head-epochs", type=int, default=20)
     parser.add_argument("--full-epochs", type=int, default=10)
-    parser.add_argument("--full-input-size", type=int, default=None, help="default: 224 on GPU, 64 on CPU")
+    parser.add_argument("--full-input-size", type=int, default=None, help="default: 224 on GPU, 128 on CPU")
     parser.add_argument("--head-lr", type=float, default=None, help="head LR of head-only training (default: recipe)")
     parser.add_argument("--full-recipe", default="circle",
                         help="recipe of full fine-tuning (default: circle; ce converges several times faster on a CPU budget)")
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped: {folder} is absent (set --datasets or RETRIEVAL_SHARED_DATASETS)")
             return 0
     device = resolve_device(args.device)
-    full_size = args.full_input_size or (224 if device.type == "cuda" else 64)
+    full_size = args.full_input_size or (224 if device.type == "cuda" else 128)
     workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-training-"))
     os.environ.setdefault("RETRIEVAL_CACHE_DIR", str(work / "cache"))
