@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
@@ -72,3 +73,11 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def slug(text: str, limit: int = 120) -> str:
+    """A file-name-safe form of ``text``: runs of characters outside ``[A-Za-z0-9._-]`` become one ``-``.
+
+    The one place where run, report and output file names are made safe; never empty (``"run"``).
+    """
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:limit] or "run"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .data import DataError, load_ground_truth
-from .fileio import read_json, write_text
+from .fileio import read_json, slug, write_text
 from .metrics import METRIC_KEYS, SCHEMA_VERSION, evaluate_rankings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -244,26 +244,23 @@ def grouped_views(frame: "pd.DataFrame", metrics: Sequence[str] = PLOT_METRICS) 
     return views
 
 
-def _pyplot():
-    import matplotlib
-
-    if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "module://ipykernel")):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_metric_bars(frame: "pd.DataFrame", metric: str = "weighted_score", title: str | None = None) -> "Figure":
-    """Horizontal bars of ``metric`` by run (best on top), coloured by model, each labelled with its value."""
-    plt = _pyplot()
+    """Horizontal bars of ``metric`` by run (best on top), coloured by model, each labelled with its value.
+
+    Built on :class:`matplotlib.figure.Figure`, so the user's plotting backend is never switched.
+    """
+    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
     if metric not in frame.columns:
         raise ValueError(f"no column {metric!r} in the results (columns: {', '.join(frame.columns)})")
     data = frame[["run", "model", metric]].dropna(subset=[metric]).sort_values(metric, kind="stable")
     models = sorted(data["model"].unique())
-    palette = plt.get_cmap("tab10")
+    palette = matplotlib.colormaps["tab10"]
     colors = [palette(models.index(m) % 10) for m in data["model"]]
-    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.38 * max(len(data), 1)))
+    fig = Figure(figsize=(7.5, 0.9 + 0.38 * max(len(data), 1)))
+    ax = fig.subplots()
     bars = ax.barh(range(len(data)), data[metric].to_numpy(), color=colors)
     ax.set_yticks(range(len(data)), [_short(r, 48) for r in data["run"]], fontsize=8)
     upper = 1000.0 if metric == "weighted_score" else 1.0
@@ -271,7 +268,7 @@ def plot_metric_bars(frame: "pd.DataFrame", metric: str = "weighted_score", titl
     for bar, value in zip(bars, data[metric]):
         shown = f"{value:.1f}" if metric == "weighted_score" else f"{value:.3f}"
         ax.text(bar.get_width() + upper * 0.01, bar.get_y() + bar.get_height() / 2, shown, va="center", fontsize=7.5)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=palette(i % 10)) for i in range(len(models))]
+    handles = [Rectangle((0, 0), 1, 1, color=palette(i % 10)) for i in range(len(models))]
     if len(models) > 1:
         ax.legend(handles, models, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="model",
                   title_fontsize=7, frameon=False)
@@ -586,10 +583,6 @@ def _read_labels(path: Path | None) -> dict | None:
     return labels if isinstance(labels, dict) else None
 
 
-def _file_slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:80] or "run"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The whole report
 # ----------------------------------------------------------------------------------------------------------------
@@ -623,9 +616,6 @@ def write_report(
     With ``images`` and the run's dataset folder at hand (``config.data``), also ``failures_<run>_worst.png`` (the
     ``n_images`` worst queries beside their top-k) and ``compare_<a>__vs__<b>.png`` (the queries where they differ).
     """
-    from .submission import SubmissionError, load_submission
-    from .viz import plot_run_comparison, plot_submission, save_figure
-
     results_dir, out = Path(results_dir), Path(out_dir)
     loaded = load_results(results_dir)
     if loaded.frame.empty:
@@ -634,7 +624,38 @@ def write_report(
                         f"({len(loaded.files)} JSON file(s) found{', skipped: ' + reasons if reasons else ''})")
     table = comparison_table(loaded.frame)
     outputs = ReportOutputs(out, table, skipped=loaded.skipped)
-    files = outputs.files
+    lines = _write_tables_and_charts(loaded, table, outputs, results_dir)
+    if failure:
+        options = _AnalysisOptions(n_worst=n_worst, images=images, n_images=n_images)
+        submissions = _analyse_runs(loaded, table, outputs, results_dir, options, lines)
+        _compare_best_pair(table, submissions, outputs, options, lines)
+    if loaded.skipped:
+        lines += ["## Skipped files", ""] + [f"- `{p}`: {reason}" for p, reason in loaded.skipped] + [""]
+    outputs.files.append(write_text(out / "report.md", "\n".join(lines)))
+    return outputs
+
+
+@dataclass
+class _AnalysisOptions:
+    n_worst: int
+    images: bool
+    n_images: int
+
+
+@dataclass
+class _AnalysedRun:
+    rankings: dict
+    ground_truth: dict
+    row: Any
+    dirs: tuple[Path, Path] | None
+    scores: Any
+
+
+def _write_tables_and_charts(loaded, table, outputs: ReportOutputs, results_dir: Path) -> list[str]:
+    """The comparison table, the grouped views and the bar charts; returns the report's first Markdown lines."""
+    from .viz import save_figure
+
+    out, files = outputs.out_dir, outputs.files
     files.append(write_text(out / "comparison.csv", table.to_csv(index=False)))
     files.append(write_text(out / "comparison.md", to_markdown(table) + "\n"))
     views = grouped_views(loaded.frame)
@@ -644,91 +665,107 @@ def write_report(
         if metric in loaded.frame.columns and loaded.frame[metric].notna().any():
             fig = plot_metric_bars(loaded.frame, metric)
             files.append(save_figure(fig, out / f"bar_{metric.replace('@', '')}.png"))
-
     lines = [f"# Retrieval report: {len(table)} run(s) from {results_dir}", "",
              "## Runs (best weighted score first)", "", to_markdown(table.drop(columns=["file"], errors="ignore")), ""]
     for name, view in views.items():
         lines += [f"## By {name}", "", to_markdown(view), ""]
-    lines += ["## Charts", ""] + [f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png"] + [""]
+    return lines + ["## Charts", ""] + [f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png"] + [""]
 
-    # failure analysis, per run where its submission and ground truth are found
+
+def _analyse_runs(loaded, table, outputs: ReportOutputs, results_dir: Path, options: _AnalysisOptions,
+                  lines: list[str]) -> dict[str, _AnalysedRun]:
+    """Failure analysis of every run whose submission and ground truth are found; appends to ``lines``."""
     by_file = {r["_path"]: r for r in loaded.records}
-    submissions: dict[str, tuple] = {}  # run -> (rankings, ground truth, row, image folders, scores)
-    if failure:
-        lines += ["## Failure analysis", ""]
-        for _, row in table.iterrows():
-            record = by_file[row["file"]]
-            submission_path, gt_path, labels_path = run_artifacts(record, results_dir)
-            run = row["run"]
-            if submission_path is None or gt_path is None:
-                what = "submission" if submission_path is None else "ground truth"
-                outputs.not_analysed[run] = f"its {what} was not found"
-                continue
-            try:
-                rankings = load_submission(submission_path)
-                ground_truth = load_ground_truth(gt_path)
-                analysis = failure_analysis(rankings, ground_truth, _read_labels(labels_path),
-                                            k=int(row["top_k"] or 10), n_worst=n_worst)
-            except (SubmissionError, DataError) as exc:
-                outputs.not_analysed[run] = str(exc)
-                continue
-            slug = _file_slug(run)
-            for part in ("worst", "per_class", "confusions"):
-                files.append(write_text(out / f"failures_{slug}_{part}.csv",
-                                        getattr(analysis, part).to_csv(index=False)))
-            outputs.analysed.append(run)
-            dirs = _image_dirs(record) if images else None
-            scores = _read_scores(submission_path)
-            submissions[run] = (rankings, ground_truth, row, dirs, scores)
-            lines += [f"### {run}", "", f"Submission `{submission_path}`, ground truth `{gt_path}`.", "",
-                      analysis.summary_markdown(n_worst), ""]
-            if dirs is not None:
-                worst = [q for q in analysis.worst["query"] if q in rankings][:n_images]
-                fig = plot_submission(rankings, dirs[0], dirs[1], worst, ground_truth=ground_truth, scores=scores,
-                                      title=f"{run}: the {len(worst)} worst queries")
-                path = save_figure(fig, out / f"failures_{slug}_worst.png")
-                files.append(path)
-                lines += [f"![worst queries of {run}]({path.name})", ""]
-        for run, reason in outputs.not_analysed.items():
-            lines.append(f"- {run}: not analysed, {reason}")
-        lines.append("")
+    submissions: dict[str, _AnalysedRun] = {}
+    lines += ["## Failure analysis", ""]
+    for _, row in table.iterrows():
+        record = by_file[row["file"]]
+        analysed = _analyse_one_run(record, row, outputs, results_dir, options)
+        if analysed is None:
+            continue
+        run, (entry, section) = row["run"], analysed
+        submissions[run] = entry
+        lines += section
+    for run, reason in outputs.not_analysed.items():
+        lines.append(f"- {run}: not analysed, {reason}")
+    lines.append("")
+    return submissions
 
-        # the best two analysed runs on the same queries, side by side
-        ranked_runs = [r for r in table["run"] if r in submissions]
-        pair = None
-        for i, first in enumerate(ranked_runs):
-            for second in ranked_runs[i + 1:]:
-                if set(submissions[first][0]) == set(submissions[second][0]) and \
-                        submissions[first][1] == submissions[second][1] and \
-                        submissions[first][0] != submissions[second][0]:
-                    pair = (first, second)
-                    break
-            if pair:
-                break
-        if pair:
-            a, b = pair
-            comparison = compare_runs(submissions[a][0], submissions[b][0], submissions[a][1], name_a=a, name_b=b,
-                                      k=int(submissions[a][2]["top_k"] or 10))
-            outputs.comparison = comparison
-            files.append(write_text(out / f"compare_{_file_slug(a)}__vs__{_file_slug(b)}.csv",
-                                    comparison.frame.to_csv(index=False)))
-            differ = comparison.frame[comparison.frame["outcome"].isin([f"only {a}", f"only {b}"])]
-            lines += [f"## {a} vs {b} (the best two runs on the same queries)", "", comparison.summary(), "",
-                      to_markdown(differ[["query", "outcome", "top1_a", "top1_b", "weighted_a", "weighted_b"]])
-                      if len(differ) else "No query is right at rank 1 in only one of them.", "",
-                      "Look at them: `python -m helpers show --submission A.json --compare B.json --data DIR`.", ""]
-            dirs = submissions[a][3]
-            chosen = comparison.differing()[:n_images]
-            if dirs is not None and chosen:
-                fig = plot_run_comparison(submissions[a][0], submissions[b][0], dirs[0], dirs[1], chosen,
-                                          ground_truth=submissions[a][1], names=(a, b),
-                                          scores_a=submissions[a][4], scores_b=submissions[b][4],
-                                          title=f"{a} (upper row) vs {b} (lower row)")
-                path = save_figure(fig, out / f"compare_{_file_slug(a)}__vs__{_file_slug(b)}.png")
-                files.append(path)
-                lines += [f"![{a} vs {b}]({path.name})", ""]
 
-    if loaded.skipped:
-        lines += ["## Skipped files", ""] + [f"- `{p}`: {reason}" for p, reason in loaded.skipped] + [""]
-    files.append(write_text(out / "report.md", "\n".join(lines)))
-    return outputs
+def _analyse_one_run(record, row, outputs: ReportOutputs, results_dir: Path, options: _AnalysisOptions):
+    """One run's failure tables (and worst-queries grid); ``None`` with the reason noted when it cannot be done."""
+    from .submission import SubmissionError, load_submission
+    from .viz import plot_submission, save_figure
+
+    submission_path, gt_path, labels_path = run_artifacts(record, results_dir)
+    run, out = row["run"], outputs.out_dir
+    if submission_path is None or gt_path is None:
+        what = "submission" if submission_path is None else "ground truth"
+        outputs.not_analysed[run] = f"its {what} was not found"
+        return None
+    try:
+        rankings = load_submission(submission_path)
+        ground_truth = load_ground_truth(gt_path)
+        analysis = failure_analysis(rankings, ground_truth, _read_labels(labels_path),
+                                    k=int(row["top_k"] or 10), n_worst=options.n_worst)
+    except (SubmissionError, DataError) as exc:
+        outputs.not_analysed[run] = str(exc)
+        return None
+    name = slug(run, 80)
+    for part in ("worst", "per_class", "confusions"):
+        outputs.files.append(write_text(out / f"failures_{name}_{part}.csv", getattr(analysis, part).to_csv(index=False)))
+    outputs.analysed.append(run)
+    dirs = _image_dirs(record) if options.images else None
+    scores = _read_scores(submission_path)
+    section = [f"### {run}", "", f"Submission `{submission_path}`, ground truth `{gt_path}`.", "",
+               analysis.summary_markdown(options.n_worst), ""]
+    if dirs is not None:
+        worst = [q for q in analysis.worst["query"] if q in rankings][:options.n_images]
+        fig = plot_submission(rankings, dirs[0], dirs[1], worst, ground_truth=ground_truth, scores=scores,
+                              title=f"{run}: the {len(worst)} worst queries")
+        path = save_figure(fig, out / f"failures_{name}_worst.png")
+        outputs.files.append(path)
+        section += [f"![worst queries of {run}]({path.name})", ""]
+    return _AnalysedRun(rankings, ground_truth, row, dirs, scores), section
+
+
+def _best_comparable_pair(table, submissions: dict[str, _AnalysedRun]) -> tuple[str, str] | None:
+    """The two best-ranked analysed runs over the same queries and ground truth whose rankings differ."""
+    ranked_runs = [r for r in table["run"] if r in submissions]
+    for i, first in enumerate(ranked_runs):
+        a = submissions[first]
+        for second in ranked_runs[i + 1:]:
+            b = submissions[second]
+            if set(a.rankings) == set(b.rankings) and a.ground_truth == b.ground_truth and a.rankings != b.rankings:
+                return first, second
+    return None
+
+
+def _compare_best_pair(table, submissions: dict[str, _AnalysedRun], outputs: ReportOutputs,
+                       options: _AnalysisOptions, lines: list[str]) -> None:
+    """The best two analysed runs on the same queries, side by side (CSV, Markdown and a grid)."""
+    from .viz import plot_run_comparison, save_figure
+
+    pair = _best_comparable_pair(table, submissions)
+    if pair is None:
+        return
+    (a, b), out = pair, outputs.out_dir
+    first, second = submissions[a], submissions[b]
+    comparison = compare_runs(first.rankings, second.rankings, first.ground_truth, name_a=a, name_b=b,
+                              k=int(first.row["top_k"] or 10))
+    outputs.comparison = comparison
+    stem = f"compare_{slug(a, 80)}__vs__{slug(b, 80)}"
+    outputs.files.append(write_text(out / f"{stem}.csv", comparison.frame.to_csv(index=False)))
+    differ = comparison.frame[comparison.frame["outcome"].isin([f"only {a}", f"only {b}"])]
+    lines += [f"## {a} vs {b} (the best two runs on the same queries)", "", comparison.summary(), "",
+              to_markdown(differ[["query", "outcome", "top1_a", "top1_b", "weighted_a", "weighted_b"]])
+              if len(differ) else "No query is right at rank 1 in only one of them.", "",
+              "Look at them: `python -m helpers show --submission A.json --compare B.json --data DIR`.", ""]
+    chosen = comparison.differing()[:options.n_images]
+    if first.dirs is not None and chosen:
+        fig = plot_run_comparison(first.rankings, second.rankings, first.dirs[0], first.dirs[1], chosen,
+                                  ground_truth=first.ground_truth, names=(a, b), scores_a=first.scores,
+                                  scores_b=second.scores, title=f"{a} (upper row) vs {b} (lower row)")
+        path = save_figure(fig, out / f"{stem}.png")
+        outputs.files.append(path)
+        lines += [f"![{a} vs {b}]({path.name})", ""]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from .common import add_data, positive_int
 
+from ..show import DEFAULT_SHOW_DIR, DEFAULT_SHOWN
+
 DEFAULT_REPORT_DIR = "visualizations/report"
-DEFAULT_SHOW_DIR = "visualizations/show"
-DEFAULT_SHOWN = 8
 
 
 def _queries_arg(text: str) -> int | None:
@@ -95,103 +95,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ground_truth(args: argparse.Namespace, dataset) -> dict | None:
-    from ..data import load_ground_truth
-
-    if args.ground_truth and args.ground_truth.lower() == "none":
-        return None
-    if args.ground_truth:
-        return load_ground_truth(args.ground_truth)
-    return dataset.ground_truth
-
-
 def cmd_show(args: argparse.Namespace) -> int:
-    from ..data import load_retrieval_set
-    from ..report import compare_runs
-    from ..submission import load_submission
-    from ..viz import (load_scores, pick_queries, plot_run_comparison, save_figure, save_submission_grids,
-                       scores_sidecar_path, similarities_from_model)
+    from ..show import ShowOptions, show_submission
 
-    rankings = load_submission(args.submission)
-    if not rankings:
-        raise ValueError(f"submission {args.submission} holds no query")
-    dataset = load_retrieval_set(args.data)
-    ground_truth = _ground_truth(args, dataset)
-    labels = dataset.labels if ground_truth is dataset.ground_truth else None
-    missing = [q for q in rankings if not (dataset.query_dir / q).exists()]
-    if len(missing) == len(rankings):
-        raise ValueError(f"no query of {args.submission} is in {dataset.query_dir}: is --data the dataset of this "
-                         "submission?")
-    if missing:
-        print(f"note: {len(missing)} query(ies) of the submission are not in {dataset.query_dir} (grey tiles): "
-              f"{missing[:3]}", file=sys.stderr)
-
-    asked = getattr(args, "queries", DEFAULT_SHOWN)
-    if args.query:
-        unknown = [q for q in args.query if q not in rankings]
-        if unknown:
-            raise ValueError(f"--query {unknown[0]!r} is not in the submission (e.g. {next(iter(rankings))!r})")
-        grid_queries = html_queries = list(args.query)
-    else:
-        grid_queries = pick_queries(list(rankings), asked, labels=labels, ground_truth=ground_truth)
-        html_queries = pick_queries(list(rankings), getattr(args, "queries", None), labels=labels,
-                                    ground_truth=ground_truth)
-
-    stem = Path(args.submission).stem
-    out = Path(args.out) if args.out else Path(DEFAULT_SHOW_DIR) / stem
-    scores, scores_from = None, "rank only (no scores file; pass --model to recompute similarities)"
-    sidecar = Path(args.scores) if args.scores else scores_sidecar_path(args.submission)
-    if args.scores or (sidecar.exists() and not args.model):
-        scores, scores_from = load_scores(sidecar), f"similarities from {sidecar}"
-    elif args.model:
-        needed = sorted(set(grid_queries) | (set(html_queries) if args.html else set()))
-        scores = similarities_from_model(rankings, dataset.query_dir, dataset.gallery_dir, model=args.model,
-                                         weights=args.weights, queries=needed, device=args.device,
-                                         batch_size=args.batch_size, tta=args.tta, progress=True)
-        scores_from = f"similarities recomputed with {args.model}"
-
-    common = dict(ground_truth=ground_truth, scores=scores, labels=labels, k=args.k)
-    pages = save_submission_grids(rankings, dataset.query_dir, dataset.gallery_dir, out, grid_queries,
-                                  per_page=args.per_page, prefix=f"{stem}_grid", title=stem, **common)
-    print(f"{len(grid_queries)} of {len(rankings)} queries in {len(pages)} PNG page(s); {scores_from}; "
-          + ("green/red borders from the ground truth" if ground_truth is not None else "no ground truth"))
-    for page in pages:
-        print(f"grid: {page}")
-
-    if args.html:
-        from ..html_report import write_html_report
-
-        info = {"submission": args.submission, "data": str(dataset.root)}
-        page = write_html_report(out / f"{stem}.html", rankings, dataset.query_dir, dataset.gallery_dir,
-                                 ground_truth=ground_truth, scores=scores, queries=html_queries, k=args.k,
-                                 title=stem, info=info)
-        print(f"html: {page} ({len(html_queries)} queries)")
-
-    if args.compare:
-        from ..fileio import write_text
-
-        other = load_submission(args.compare)
-        other_stem = Path(args.compare).stem
-        other_sidecar = scores_sidecar_path(args.compare)
-        other_scores = load_scores(other_sidecar) if other_sidecar.exists() else None
-        comparison = compare_runs(rankings, other, ground_truth, name_a=stem, name_b=other_stem,
-                                  k=args.k or 10)
-        print(f"{stem} vs {other_stem} on {len(comparison.frame)} shared queries: {comparison.summary()}")
-        csv = write_text(out / f"compare_{stem}__vs__{other_stem}.csv", comparison.frame.to_csv(index=False))
-        print(f"comparison: {csv}")
-        differ = comparison.differing()
-        if args.query:
-            differ = [q for q in args.query if q in other]
-        elif getattr(args, "queries", DEFAULT_SHOWN) is not None:
-            differ = differ[: getattr(args, "queries", DEFAULT_SHOWN)]
-        if not differ:
-            print("the two runs rank every shared query the same: no side-by-side grid")
-        for number, start in enumerate(range(0, len(differ), args.per_page), start=1):
-            chunk = differ[start : start + args.per_page]
-            fig = plot_run_comparison(rankings, other, dataset.query_dir, dataset.gallery_dir, chunk,
-                                      ground_truth=ground_truth, names=(stem, other_stem), scores_a=scores,
-                                      scores_b=other_scores, k=args.k,
-                                      title=f"{stem} (upper row) vs {other_stem} (lower row)")
-            suffix = "" if len(differ) <= args.per_page else f"_{number:03d}"
-            print(f"side by side: {save_figure(fig, out / f'compare_{stem}__vs__{other_stem}{suffix}.png')}")
+    shown = getattr(args, "queries", DEFAULT_SHOWN)
+    options = ShowOptions(
+        submission=args.submission, data=args.data, ground_truth=args.ground_truth, queries=shown,
+        html_queries=getattr(args, "queries", None), query=args.query, k=args.k, per_page=args.per_page,
+        out=args.out, html=args.html, compare=args.compare, scores=args.scores, model=args.model,
+        weights=args.weights, device=args.device, batch_size=args.batch_size, tta=args.tta)
+    outputs = show_submission(options)
+    for note in outputs.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for line in outputs.lines:
+        print(line)
     return 0
