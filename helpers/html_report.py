@@ -86,6 +86,74 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+class _Thumbs:
+    """Each image once: a CSS class per path, its data URI written once in the style sheet."""
+
+    def __init__(self) -> None:
+        self.classes: dict[Path, str] = {}
+
+    def css_class(self, path: Path) -> str:
+        return self.classes.setdefault(path, f"i{len(self.classes)}")
+
+    def css(self, size: int, quality: int) -> str:
+        return "\n".join(f".{cls}{{background-image:url({_thumb_data_uri(path, size, quality)})}}"
+                         for path, cls in self.classes.items())
+
+
+def _query_card(query: str, ranked: list[str], query_dir: Path, gallery_dir: Path, relevant: set | None,
+                row_scores: list | None, metric_k: int, has_ground_truth: bool, thumbs: _Thumbs) -> str:
+    """One query's card: its thumbnail, the ranked images with rank, similarity and a green/red verdict."""
+    per_query = query_metrics(ranked, relevant, k=metric_k) if relevant else None
+    attrs = {"query": query,
+             "weighted": _fmt(per_query["weighted_score"], 1) if per_query else "",
+             "ap": _fmt(per_query["map@10"], 4) if per_query else "",
+             "hit1": str(int(per_query["hit@1"])) if per_query else "",
+             "top1sim": _fmt(row_scores[0], 4) if row_scores else ""}
+    state = "" if per_query is None else (" pass" if per_query["hit@1"] else " fail")
+    data = " ".join(f'data-{key}="{html.escape(value, quote=True)}"' for key, value in attrs.items())
+    parts = [f'<div class="q{state}" {data}>', f'<div class="qinfo"><b>{html.escape(query)}</b><br>']
+    if per_query:
+        parts.append(f'<span class="score">score {attrs["weighted"]} &middot; AP@10 {_fmt(per_query["map@10"])}'
+                     f'</span><br>{len(relevant)} relevant')
+    elif relevant is None and has_ground_truth:
+        parts.append('<span class="score">no ground truth</span>')
+    parts.append("</div>")
+    parts.append(f'<div class="cell query"><span class="t {thumbs.css_class(query_dir / query)}" role="img" '
+                 f'title="{html.escape(query, quote=True)}"></span>query</div>')
+    for rank, name in enumerate(ranked, start=1):
+        verdict = "" if relevant is None else (" ok" if name in relevant else " bad")
+        similarity = f" &middot; {_fmt(row_scores[rank - 1])}" if row_scores and rank <= len(row_scores) else ""
+        parts.append(f'<div class="cell ranked{verdict}" data-name="{html.escape(name, quote=True)}" '
+                     f'data-rank="{rank}"><span class="t {thumbs.css_class(gallery_dir / name)}" role="img" '
+                     f'title="{html.escape(name, quote=True)}"></span>#{rank}{similarity}<br>'
+                     f'{html.escape(name)}</div>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _header(metrics: dict | None, has_ground_truth: bool, has_scores: bool) -> tuple[str, list[str]]:
+    """The metrics table (or the no-ground-truth note) and the sort buttons."""
+    header_rows = ""
+    if metrics:
+        header_rows = ("<table class='metrics'><tr>" + "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
+                       + "</tr><tr>" + "".join(f"<td>{_fmt(v, 1 if m == 'weighted_score' else 4)}</td>"
+                                               for m, v in metrics.items()) + "</tr></table>")
+    elif not has_ground_truth:
+        header_rows = "<p class='sub'>No ground truth: no metrics, no green/red borders.</p>"
+    buttons = []
+    if metrics is not None:
+        buttons += ['<button onclick="sortBy(\'weighted\',false)">score: worst first</button>',
+                    '<button onclick="sortBy(\'weighted\',true)">score: best first</button>',
+                    '<button onclick="sortBy(\'ap\',false)">AP@10: worst first</button>']
+    if has_scores:
+        buttons.append('<button onclick="sortBy(\'top1sim\',true)">top-1 similarity</button>')
+    buttons.append('<button onclick="sortBy(\'query\',false)">name</button>')
+    if metrics is not None:
+        buttons.append('<label><input type="checkbox" onchange="onlyFailures(this.checked)"> only queries wrong at '
+                       'rank 1</label>')
+    return header_rows, buttons
+
+
 def build_html_report(
     rankings: Mapping[str, Sequence[str]],
     query_dir: str | os.PathLike,
@@ -112,82 +180,27 @@ def build_html_report(
         raise ValueError(f"query(ies) not in the submission: {unknown[:5]}")
     cut = {q: (list(rankings[q])[:k] if k else list(rankings[q])) for q in chosen}
     metric_k = k or max((len(r) for r in cut.values()), default=10)
-
-    thumbs: dict[Path, str] = {}
-
-    def thumb_class(path: Path) -> str:
-        if path not in thumbs:
-            thumbs[path] = f"i{len(thumbs)}"
-        return thumbs[path]
-
     metrics = None
     if ground_truth is not None:
         evaluation = evaluate_rankings({q: cut[q] for q in chosen}, {q: ground_truth[q] for q in chosen
                                                                      if q in ground_truth}, k=metric_k)
         metrics = evaluation.metrics if evaluation.n_queries else None
-    cards = []
-    for query in chosen:
-        relevant = set(ground_truth[query]) if ground_truth is not None and query in ground_truth else None
-        row_scores = list(scores[query]) if scores is not None and query in scores else None
-        per_query = query_metrics(cut[query], relevant, k=metric_k) if relevant else None
-        attrs = {"query": query,
-                 "weighted": _fmt(per_query["weighted_score"], 1) if per_query else "",
-                 "ap": _fmt(per_query["map@10"], 4) if per_query else "",
-                 "hit1": str(int(per_query["hit@1"])) if per_query else "",
-                 "top1sim": _fmt(row_scores[0], 4) if row_scores else ""}
-        state = "" if per_query is None else (" pass" if per_query["hit@1"] else " fail")
-        data = " ".join(f'data-{key}="{html.escape(value, quote=True)}"' for key, value in attrs.items())
-        parts = [f'<div class="q{state}" {data}>',
-                 f'<div class="qinfo"><b>{html.escape(query)}</b><br>']
-        if per_query:
-            parts.append(f'<span class="score">score {attrs["weighted"]} &middot; AP@10 {_fmt(per_query["map@10"])}'
-                         f'</span><br>{len(relevant)} relevant')
-        elif relevant is None and ground_truth is not None:
-            parts.append('<span class="score">no ground truth</span>')
-        parts.append("</div>")
-        parts.append(f'<div class="cell query"><span class="t {thumb_class(query_dir / query)}" role="img" '
-                     f'title="{html.escape(query, quote=True)}"></span>query</div>')
-        for rank, name in enumerate(cut[query], start=1):
-            verdict = "" if relevant is None else (" ok" if name in relevant else " bad")
-            similarity = f" &middot; {_fmt(row_scores[rank - 1])}" if row_scores and rank <= len(row_scores) else ""
-            parts.append(f'<div class="cell ranked{verdict}" data-name="{html.escape(name, quote=True)}" '
-                         f'data-rank="{rank}"><span class="t {thumb_class(gallery_dir / name)}" role="img" '
-                         f'title="{html.escape(name, quote=True)}"></span>#{rank}{similarity}<br>'
-                         f'{html.escape(name)}</div>')
-        parts.append("</div>")
-        cards.append("".join(parts))
-
-    thumb_css = "\n".join(f".{cls}{{background-image:url({_thumb_data_uri(path, thumb_size, quality)})}}"
-                          for path, cls in thumbs.items())
-    header_rows = ""
-    if metrics:
-        header_rows = ("<table class='metrics'><tr>" + "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
-                       + "</tr><tr>" + "".join(f"<td>{_fmt(v, 1 if m == 'weighted_score' else 4)}</td>"
-                                               for m, v in metrics.items()) + "</tr></table>")
-    elif ground_truth is None:
-        header_rows = "<p class='sub'>No ground truth: no metrics, no green/red borders.</p>"
+    thumbs = _Thumbs()
+    cards = [_query_card(query, cut[query], query_dir, gallery_dir,
+                         set(ground_truth[query]) if ground_truth is not None and query in ground_truth else None,
+                         list(scores[query]) if scores is not None and query in scores else None,
+                         metric_k, ground_truth is not None, thumbs) for query in chosen]
+    header_rows, buttons = _header(metrics, ground_truth is not None, scores is not None)
     details = dict(info or {})
-    details.update({"queries": len(chosen), "gallery images shown": sum(1 for p in thumbs if p.parent == gallery_dir)})
+    details.update({"queries": len(chosen),
+                    "gallery images shown": sum(1 for p in thumbs.classes if p.parent == gallery_dir)})
     sub = " &middot; ".join(f"{html.escape(str(key))}: {html.escape(str(value))}" for key, value in details.items())
-    has_gt = metrics is not None
-    has_scores = scores is not None
-    buttons = []
-    if has_gt:
-        buttons += ['<button onclick="sortBy(\'weighted\',false)">score: worst first</button>',
-                    '<button onclick="sortBy(\'weighted\',true)">score: best first</button>',
-                    '<button onclick="sortBy(\'ap\',false)">AP@10: worst first</button>']
-    if has_scores:
-        buttons.append('<button onclick="sortBy(\'top1sim\',true)">top-1 similarity</button>')
-    buttons.append('<button onclick="sortBy(\'query\',false)">name</button>')
-    if has_gt:
-        buttons.append('<label><input type="checkbox" onchange="onlyFailures(this.checked)"> only queries wrong at '
-                       'rank 1</label>')
     style = _STYLE.replace("{T}", str(thumb_size))
     run_data = json.dumps({"title": title, "metrics": metrics, "queries": chosen}).replace("</", "<\\/")
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title>", f"<style>{style}\n{thumb_css}</style>", "</head><body>",
-        f"<h1>{html.escape(title)}</h1>", f'<div class="sub">{sub}</div>', header_rows,
+        f"<title>{html.escape(title)}</title>", f"<style>{style}\n{thumbs.css(thumb_size, quality)}</style>",
+        "</head><body>", f"<h1>{html.escape(title)}</h1>", f'<div class="sub">{sub}</div>', header_rows,
         f'<div class="controls">sort: {" ".join(buttons)}<span class="count" id="count">{len(chosen)} shown</span>'
         "</div>",
         f'<div id="queries">{"".join(cards)}</div>',
