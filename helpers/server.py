@@ -47,6 +47,8 @@ DEFAULT_MAX_NAMES = ServerLimits.max_names
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 #: Longest accepted group name (characters).
 MAX_GROUP_LENGTH = 200
+#: Longest accepted query or gallery name (characters; file systems allow 255 bytes).
+MAX_NAME_LENGTH = 255
 #: Problems listed in one answer at most.
 MAX_PROBLEMS_SHOWN = 20
 
@@ -139,6 +141,8 @@ def _check_group(group: Any) -> str:
 
 
 def _check_name(name: str, what: str) -> None:
+    if len(name) > MAX_NAME_LENGTH:
+        raise PayloadError(422, f"{what} is {len(name)} characters long; file names have at most {MAX_NAME_LENGTH}")
     bad = _bad_character(name, strict=False)
     if bad:
         raise PayloadError(422, f"{what} holds {bad}; file names must be plain text")
@@ -316,15 +320,19 @@ class Scorer:
             self.pending -= held[0]
 
     async def _read(self, request, held: list[int]) -> bytes:
-        chunks = []
-        async for chunk in request.stream():
-            held[0] += len(chunk)
-            self.pending += len(chunk)
-            if held[0] > self.limits.max_body_bytes:
-                raise _BodyTooLarge
-            if self.pending > self.pending_limit:
-                raise _ServerBusy
-            chunks.append(chunk)
+        chunks: list[bytes] = []
+        try:
+            async for chunk in request.stream():
+                held[0] += len(chunk)
+                self.pending += len(chunk)
+                if held[0] > self.limits.max_body_bytes:
+                    raise _BodyTooLarge
+                if self.pending > self.pending_limit:
+                    raise _ServerBusy
+                chunks.append(chunk)
+        except BaseException:
+            chunks.clear()  # the traceback keeps this frame alive until a garbage collection: free the body now
+            raise
         return b"".join(chunks)
 
     def handle(self, body: bytes, authorization: str | None = None):

@@ -41,9 +41,9 @@ class ServerLimits:
     #: Most open connections; further requests get 503 (uvicorn's ``limit_concurrency``).
     max_connections: int = 64
     #: Most bodies parsed and scored at once (the others wait): bounds the memory of parsing.
-    max_parallel: int = 4
+    max_parallel: int = 2
     #: Most body bytes held by all requests being read at once (at least one full body); over it, 503.
-    max_pending_bytes: int = 64 * 1024 * 1024
+    max_pending_bytes: int = 32 * 1024 * 1024
     #: Most submissions one group may make in any 60 s window (0: no limit); over it, 429 with Retry-After.
     rate_per_minute: int = 10
 

@@ -129,6 +129,8 @@ MALFORMED = {
     "names null": b'{"groupname": "g", "images": {"q.png": [null]}}',
     "names objects": b'{"groupname": "g", "images": {"q.png": [{"a": 1}]}}',
     "NaN": b'{"groupname": "g", "images": {"q.png": [NaN]}}',
+    "name too long": json.dumps({"groupname": "g", "images": {"q.png": ["a" * 256 + ".png"]}}).encode(),
+    "query too long": json.dumps({"groupname": "g", "images": {"q" * 300: ["a.png"]}}).encode(),
     "too many names": json.dumps({"groupname": "g", "images": {"q.png": [f"{i}.png" for i in range(101)]}}).encode(),
 }
 
