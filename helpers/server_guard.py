@@ -35,10 +35,11 @@ class ServerLimits:
     #: Seconds a request body may take to arrive, counted from the end of its head (then 408).
     read_timeout: float = 30.0
     #: Seconds a connection may take to send a complete request head (then it is closed).
-    head_timeout: float = 10.0
+    head_timeout: float = 5.0
     #: Seconds an idle keep-alive connection stays open (uvicorn's ``timeout_keep_alive``).
     keep_alive: int = 5
-    #: Most open connections; further requests get 503 (uvicorn's ``limit_concurrency``).
+    #: Most open connections. A new one past it closes the oldest connection still waiting for its request head
+    #: (a slow client cannot starve real ones); when every connection is busy with a request, it gets 503.
     max_connections: int = 64
     #: Most bodies parsed and scored at once (the others wait): bounds the memory of parsing.
     max_parallel: int = 2
@@ -174,18 +175,28 @@ class GuardMiddleware:
 # --------------------------------------------------------------------------------------------------------------
 # uvicorn
 # --------------------------------------------------------------------------------------------------------------
-def guarded_protocol(head_timeout: float):
-    """uvicorn's h11 protocol, closing a connection that has not sent a complete request head ``head_timeout``
-    seconds after it opened or after its previous answer (uvicorn itself waits forever for a trickled head)."""
+_BUSY_BODY = b'{"error": "the server is busy: too many open requests; try again shortly"}'
+#: The raw answer to a connection past the limit when every open one is busy with a request.
+BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 2\r\n"
+               b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(_BUSY_BODY)) + _BUSY_BODY
+
+
+def guarded_protocol(head_timeout: float, max_connections: int):
+    """uvicorn's h11 protocol with two guards uvicorn lacks: a connection that has not sent a complete request head
+    ``head_timeout`` seconds after it opened (or after its previous answer) is closed, and at most
+    ``max_connections`` stay open: a new one closes the connection that has waited longest for its head, or, when
+    every connection is busy with a request, is answered 503 and closed."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeadDeadlineProtocol(H11Protocol):
+    class GuardedProtocol(H11Protocol):
         _head_timer = None
+        _waiting_since = 0.0
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm_head_timer()
+            self._make_room()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -196,21 +207,41 @@ def guarded_protocol(head_timeout: float):
                 self._head_timer.cancel()
             super().connection_lost(exc)
 
+        def _waiting_for_head(self) -> bool:
+            return self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+
         def _arm_head_timer(self) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()
+            self._waiting_since = self.loop.time()
             self._head_timer = self.loop.call_later(head_timeout, self._head_deadline)
 
         def _head_deadline(self) -> None:
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self._waiting_for_head():
                 self.transport.close()
 
-    return HeadDeadlineProtocol
+        def _make_room(self) -> None:
+            open_ = [c for c in self.connections if not c.transport.is_closing()]
+            if len(open_) <= max_connections:
+                return
+            waiting = [c for c in open_ if c is not self and isinstance(c, GuardedProtocol) and c._waiting_for_head()]
+            if waiting:
+                min(waiting, key=lambda c: c._waiting_since).transport.close()
+            else:
+                self.transport.write(BUSY_ANSWER)
+                self.transport.close()
+
+    return GuardedProtocol
 
 
 def uvicorn_config(app, limits: ServerLimits, **options):
-    """A ``uvicorn.Config`` applying ``limits`` (connections, keep-alive, request-head deadline)."""
+    """A ``uvicorn.Config`` applying ``limits`` (connections, keep-alive, request-head deadline).
+
+    uvicorn's own ``limit_concurrency`` stays one above ``max_connections``, as a backstop: the protocol keeps the
+    open connections at ``max_connections``, closing slow ones first, where uvicorn would refuse everyone alike.
+    """
     import uvicorn
 
-    return uvicorn.Config(app, http=guarded_protocol(limits.head_timeout), limit_concurrency=limits.max_connections,
-                          timeout_keep_alive=limits.keep_alive, **options)
+    return uvicorn.Config(app, http=guarded_protocol(limits.head_timeout, limits.max_connections),
+                          limit_concurrency=limits.max_connections + 1, timeout_keep_alive=limits.keep_alive,
+                          **options)

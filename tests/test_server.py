@@ -423,8 +423,9 @@ def _read_until_closed(sock, limit: int = 200) -> bytes:
 
 
 def test_real_server_limits_slow_clients_connections_and_checks_hosts(dataset, tmp_path):
-    """One real uvicorn on loopback: slow heads are dropped, slow bodies get 408, connections are capped, Host and
-    Origin are checked on the socket, and submit.py's --token gets through."""
+    """One real uvicorn on loopback: slow bodies get 408, slow heads are dropped (first when a real client needs
+    room), busy connections are capped with 503, Host and Origin are checked on the socket, and --token gets
+    through."""
     import time
 
     limits = ServerLimits(read_timeout=1.0, head_timeout=1.0, max_connections=3)
@@ -436,17 +437,30 @@ def test_real_server_limits_slow_clients_connections_and_checks_hosts(dataset, t
                                        b"\r\n{\"groupname\"" % port)
         assert slow_body.startswith(b"HTTP/1.1 408") and b'"error"' in slow_body
         assert time.monotonic() - start < 5
-        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
-        for sock in idle:
-            sock.sendall(b"POST /retrieval/ HTTP/1.1\r\nHo")  # a head that never ends
-        time.sleep(0.2)
-        busy = _raw_request(port, b"GET /leaderboard HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n"
+        idle = []
+        for _ in range(3):  # heads that never end fill every connection slot
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            idle[-1].sendall(b"POST /retrieval/ HTTP/1.1\r\nHo")
+            time.sleep(0.05)
+        real = _raw_request(port, b"GET /leaderboard HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n"
                             % port)
-        assert busy.startswith(b"HTTP/1.1 503")
+        assert real.startswith(b"HTTP/1.1 200")  # a real client is served: the oldest slow connection made room
+        assert _read_until_closed(idle[0]) == b""  # ... closed at once
         start = time.monotonic()
-        assert all(_read_until_closed(sock) == b"" for sock in idle)  # closed by the server at the head deadline
+        assert all(_read_until_closed(sock) == b"" for sock in idle[1:])  # the others at the head deadline
         assert time.monotonic() - start < 5
         for sock in idle:
+            sock.close()
+        busy = []
+        for _ in range(3):  # bodies still arriving: busy connections, never closed to make room
+            busy.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            busy[-1].sendall(b"POST /retrieval/ HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 99\r\n\r\n{" % port)
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:  # answered as soon as it opens
+            refused = _read_until_closed(extra)
+        assert refused.startswith(b"HTTP/1.1 503") and b'"error"' in refused
+        assert all(_read_until_closed(sock).startswith(b"HTTP/1.1 408") for sock in busy)
+        for sock in busy:
             sock.close()
         for host, origin, status in ((f"127.0.0.1:{port}", None, b"200"), (f"localhost:{port}", None, b"200"),
                                      (f"attacker.example:{port}", None, b"403"),

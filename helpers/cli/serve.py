@@ -12,8 +12,9 @@ from .common import positive_int
 LIMITS_EPILOG = (
     "limits (each refused request gets a 4xx or 503 with {\"error\": ...}): a body over --max-body-mb (413) or "
     "arriving over --read-timeout seconds (408); a request head not complete within --head-timeout seconds "
-    "(connection closed); more than --max-names names per query (422) or --max-queries queries (413); more than "
-    "--max-connections open connections (503); more than --rate-limit submissions per group in any minute (429). "
+    "(connection closed); more than --max-names names per query (422) or --max-queries queries (413); past "
+    "--max-connections open connections the one waiting longest for its request head is closed, or, if all are "
+    "busy, the new one gets 503; more than --rate-limit submissions per group in any minute (429). "
     "Requests whose Host or Origin names another site are refused (403); requests without Origin (submit.py, "
     "the course client) are accepted. Only the score and the top-k names of known queries are stored. "
     "Not protected: plain HTTP (tokens travel in clear text), many connections from many machines."
@@ -72,7 +73,7 @@ def add_limits(p: argparse.ArgumentParser, defaults) -> None:
     p.add_argument("--rate-limit", type=non_negative_int, default=defaults.rate_per_minute, metavar="N",
                    help="most submissions per group in any 60 s, 0: no limit (default: %(default)s)")
     p.add_argument("--max-connections", type=positive_int, default=defaults.max_connections, metavar="N",
-                   help="most open connections (default: %(default)s)")
+                   help="most open connections; slow ones are closed first (default: %(default)s)")
     p.add_argument("--read-timeout", type=positive_seconds, default=defaults.read_timeout, metavar="S",
                    help="seconds a request body may take to arrive (default: %(default)s)")
     p.add_argument("--head-timeout", type=positive_seconds, default=defaults.head_timeout, metavar="S",
