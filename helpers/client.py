@@ -32,7 +32,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TextIO
 
 from .submission import Rankings, SubmissionError, load_submission, validate_submission
 
@@ -171,7 +171,7 @@ def summarize_payload(payload: Mapping[str, Any], url: str, body: bytes) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # The log
 # --------------------------------------------------------------------------------------------------------------
-def open_log(path: str | os.PathLike):
+def open_log(path: str | os.PathLike) -> TextIO:
     """Open ``path`` for appending (folders created) before anything is sent; :class:`SubmitError` if it cannot be."""
     path = Path(path)
     try:
@@ -182,7 +182,7 @@ def open_log(path: str | os.PathLike):
                           "in a writable folder") from None
 
 
-def write_log(handle, record: Mapping[str, Any]) -> None:
+def write_log(handle: TextIO, record: Mapping[str, Any]) -> None:
     """Write one JSON line to the open log ``handle`` and flush it to disk."""
     handle.write(json.dumps(dict(record), ensure_ascii=False, default=str) + "\n")
     handle.flush()
@@ -445,7 +445,7 @@ class _Plan:
     record: dict[str, Any]
 
 
-def _send(plan: _Plan, result: SubmitResult, log, say: Callable[[str], None], sleep: Callable[[float], None]) -> None:
+def _send(plan: _Plan, result: SubmitResult, log: TextIO | None, say: Callable[[str], None], sleep: Callable[[float], None]) -> None:
     """Every try of ``plan`` until one is accepted, not retryable, or the last; each logged to ``log`` (open or None)."""
     total = plan.retries + 1
     for number in range(1, total + 1):

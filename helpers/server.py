@@ -290,7 +290,7 @@ class Scorer:
         self.pending = 0  # body bytes held by requests not yet answered (changed on the event loop only)
         self.pending_limit = max(limits.max_pending_bytes, limits.max_body_bytes)
 
-    async def endpoint(self, request):
+    async def endpoint(self, request: Any) -> Any:
         """A plain Starlette route: the body is read as is, whatever its Content-Type."""
         import asyncio
 
@@ -335,7 +335,7 @@ class Scorer:
             raise
         return b"".join(chunks)
 
-    def handle(self, body: bytes, authorization: str | None = None):
+    def handle(self, body: bytes, authorization: str | None = None) -> Any:
         """The answer to one body: 200 with the score, a 4xx ``{"error": ...}``, or a JSON 500 (logged)."""
         from starlette.responses import JSONResponse
 
@@ -370,7 +370,7 @@ def create_app(
     limits: ServerLimits | None = None,
     tokens: Mapping[str, str] | None = None,
     allowed_hosts: Iterable[str] = (),
-):
+) -> Any:
     """The FastAPI application scoring against ``ground_truth`` (a mapping or a ground-truth JSON file).
 
     ``limits``: see :class:`helpers.server_guard.ServerLimits`. ``tokens`` (``{group: token}``): only those groups
@@ -417,7 +417,7 @@ def create_app(
 # --------------------------------------------------------------------------------------------------------------
 # Running it
 # --------------------------------------------------------------------------------------------------------------
-def serve(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info") -> None:
+def serve(app: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info") -> None:
     """Run ``app`` with uvicorn until interrupted (binds to loopback unless told otherwise), under the app's limits
     (connections, keep-alive, request-head deadline)."""
     import uvicorn
@@ -437,7 +437,7 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def background_server(app, host: str = DEFAULT_HOST, port: int = 0, startup_timeout: float = 20.0
+def background_server(app: Any, host: str = DEFAULT_HOST, port: int = 0, startup_timeout: float = 20.0
                       ) -> Iterator[RunningServer]:
     """Run ``app`` with uvicorn in a thread (port 0: a free one) and stop it on exit; yields its URL.
 

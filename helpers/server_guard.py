@@ -181,7 +181,7 @@ BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/j
                b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(_BUSY_BODY)) + _BUSY_BODY
 
 
-def guarded_protocol(head_timeout: float, max_connections: int):
+def guarded_protocol(head_timeout: float, max_connections: int) -> type:
     """uvicorn's h11 protocol with two guards uvicorn lacks: a connection that has not sent a complete request head
     ``head_timeout`` seconds after it opened (or after its previous answer) is closed, and at most
     ``max_connections`` stay open: a new one closes the connection that has waited longest for its head, or, when
@@ -234,7 +234,7 @@ def guarded_protocol(head_timeout: float, max_connections: int):
     return GuardedProtocol
 
 
-def uvicorn_config(app, limits: ServerLimits, **options):
+def uvicorn_config(app: Any, limits: ServerLimits, **options: Any) -> Any:
     """A ``uvicorn.Config`` applying ``limits`` (connections, keep-alive, request-head deadline).
 
     uvicorn's own ``limit_concurrency`` stays one above ``max_connections``, as a backstop: the protocol keeps the

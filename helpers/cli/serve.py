@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import math
 import sys
+from typing import Any
 
 from .common import positive_int
 
@@ -63,7 +64,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def add_limits(p: argparse.ArgumentParser, defaults) -> None:
+def add_limits(p: argparse.ArgumentParser, defaults: Any) -> None:
     p.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / 2**20, metavar="MB",
                    help="largest request body accepted (default: %(default)s)")
     p.add_argument("--max-names", type=positive_int, default=defaults.max_names, metavar="N",
