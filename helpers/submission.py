@@ -27,8 +27,8 @@ def _names(names: Any, where: str) -> list[str]:
         raise SubmissionError(f"{where} must be a list of gallery names, not {_kind(names)}")
     for position, name in enumerate(names):
         if not isinstance(name, str):
-            raise SubmissionError(f"{where}, position {position}: gallery names must be strings, got {_kind(name)} "
-                                  f"{_preview(name)}")
+            raise SubmissionError(f"{where}, position {position}: gallery names must be strings, got "
+                                  f"{_what(name)}")
     return list(names)
 
 
@@ -36,8 +36,15 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _what(value: Any) -> str:
+    """``value``'s JSON kind and a short preview of it, e.g. ``int 5``, ``null``, ``list (a list of 3 item(s))``."""
+    return f"{_kind(value)} {_preview(value)}".rstrip()
+
+
 def _preview(value: Any, limit: int = 40) -> str:
     """A short text of ``value`` that never walks a deep structure (a nested list shows as its type only)."""
+    if value is None:
+        return ""
     if isinstance(value, (list, dict)):
         return f"(a {type(value).__name__} of {len(value)} item(s))"
     text = repr(value)
@@ -54,7 +61,7 @@ def parse_submission(raw: Any) -> Rankings:
         rankings: Rankings = {}
         for query, names in raw.items():
             if not isinstance(query, str):
-                raise SubmissionError(f"query names must be strings, got {_kind(query)} {_preview(query)}")
+                raise SubmissionError(f"query names must be strings, got {_what(query)}")
             rankings[query] = _names(names, f"entry {query!r}")
         return rankings
     if isinstance(raw, list):
@@ -62,12 +69,12 @@ def parse_submission(raw: Any) -> Rankings:
         for position, item in enumerate(raw):
             if not isinstance(item, dict) or "filename" not in item or "samples" not in item:
                 raise SubmissionError(
-                    f"list entry {position} must be an object with 'filename' and 'samples', got {_preview(item, 80)}"
+                    f"list entry {position} must be an object with 'filename' and 'samples', got {_what(item)}"
                 )
             query = item["filename"]
             if not isinstance(query, str):
-                raise SubmissionError(f"list entry {position}: 'filename' must be a string, got {_kind(query)} "
-                                      f"{_preview(query)}")
+                raise SubmissionError(f"list entry {position}: 'filename' must be a string, got "
+                                      f"{_what(query)}")
             if query in rankings:
                 raise SubmissionError(f"query {query!r} appears twice in the list")
             rankings[query] = _names(item["samples"], f"list entry {position} ({query!r}): 'samples'")
@@ -137,7 +144,7 @@ def validate_submission(
         problems.append("the submission has no query")
     for query, names in rankings.items():
         if not isinstance(query, str):
-            problems.append(f"a query name is {_kind(query)} {_preview(query)}, not a string")
+            problems.append(f"a query name is {_what(query)}, not a string")
         elif not query:
             problems.append("an entry has an empty query name")
         if not isinstance(names, list):
