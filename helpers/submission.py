@@ -21,30 +21,76 @@ class SubmissionError(Exception):
     """A submission file that cannot be read as either format."""
 
 
+def _names(names: Any, where: str) -> list[str]:
+    """``names`` as a list of strings, or :class:`SubmissionError` naming ``where`` and the position of a non-string."""
+    if not isinstance(names, list):
+        raise SubmissionError(f"{where} must be a list of gallery names, not {_kind(names)}")
+    for position, name in enumerate(names):
+        if not isinstance(name, str):
+            raise SubmissionError(f"{where}, position {position}: gallery names must be strings, got "
+                                  f"{_what(name)}")
+    return list(names)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _what(value: Any) -> str:
+    """``value``'s JSON kind and a short preview of it, e.g. ``int 5``, ``null``, ``list (a list of 3 item(s))``."""
+    return f"{_kind(value)} {_preview(value)}".rstrip()
+
+
+def _preview(value: Any, limit: int = 40) -> str:
+    """A short text of ``value`` that never walks a deep structure (a nested list shows as its type only)."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return f"(a {type(value).__name__} of {len(value)} item(s))"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def parse_submission(raw: Any) -> Rankings:
-    """Accept either format (already parsed from JSON) and return the dict format."""
+    """Accept either format (already parsed from JSON) and return the dict format.
+
+    Every query and gallery name must be a string: ``null``, numbers, booleans, NaN and lists are refused with
+    their position (they are never turned into text such as ``"None"``).
+    """
     if isinstance(raw, dict):
         rankings: Rankings = {}
         for query, names in raw.items():
-            if not isinstance(names, list):
-                raise SubmissionError(f"entry {query!r} must be a list of gallery names, not {type(names).__name__}")
-            rankings[str(query)] = [n if isinstance(n, str) else str(n) for n in names]
+            if not isinstance(query, str):
+                raise SubmissionError(f"query names must be strings, got {_what(query)}")
+            rankings[query] = _names(names, f"entry {query!r}")
         return rankings
     if isinstance(raw, list):
         rankings = {}
         for position, item in enumerate(raw):
             if not isinstance(item, dict) or "filename" not in item or "samples" not in item:
                 raise SubmissionError(
-                    f"list entry {position} must be an object with 'filename' and 'samples', got {str(item)[:80]!r}"
+                    f"list entry {position} must be an object with 'filename' and 'samples', got {_what(item)}"
                 )
-            if not isinstance(item["samples"], list):
-                raise SubmissionError(f"list entry {position} ({item['filename']!r}): 'samples' must be a list")
-            query = str(item["filename"])
+            query = item["filename"]
+            if not isinstance(query, str):
+                raise SubmissionError(f"list entry {position}: 'filename' must be a string, got "
+                                      f"{_what(query)}")
             if query in rankings:
                 raise SubmissionError(f"query {query!r} appears twice in the list")
-            rankings[query] = [n if isinstance(n, str) else str(n) for n in item["samples"]]
+            rankings[query] = _names(item["samples"], f"list entry {position} ({query!r}): 'samples'")
         return rankings
     raise SubmissionError("a submission must be a JSON object {query: [names]} or a list of {filename, samples}")
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for :func:`json.load`: an object naming one key twice is refused (JSON would keep
+    only the last value, silently dropping a ranking)."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise SubmissionError(f"key {key!r} appears twice in one object")
+        result[key] = value
+    return result
 
 
 def load_submission(path: str | os.PathLike) -> Rankings:
@@ -52,9 +98,13 @@ def load_submission(path: str | os.PathLike) -> Rankings:
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            raw = json.load(handle)
+            raw = json.load(handle, object_pairs_hook=_refuse_repeated_keys)
     except FileNotFoundError:
         raise SubmissionError(f"submission file not found: {path}") from None
+    except SubmissionError as exc:
+        raise SubmissionError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise SubmissionError(f"cannot read submission {path}: the JSON is nested too deeply") from None
     except (OSError, ValueError) as exc:
         raise SubmissionError(f"cannot read submission {path}: {exc}") from None
     try:
@@ -93,14 +143,20 @@ def validate_submission(
     if not rankings:
         problems.append("the submission has no query")
     for query, names in rankings.items():
-        if not query:
+        if not isinstance(query, str):
+            problems.append(f"a query name is {_what(query)}, not a string")
+        elif not query:
             problems.append("an entry has an empty query name")
         if not isinstance(names, list):
             problems.append(f"{query}: not a list of names")
             continue
         if k is not None and len(names) != k:
             problems.append(f"{query}: {len(names)} names, expected {k}")
-        empty = sum(1 for n in names if not isinstance(n, str) or not n.strip())
+        not_text = [f"position {i}: {_kind(n)}" for i, n in enumerate(names) if not isinstance(n, str)]
+        if not_text:
+            problems.append(f"{query}: {len(not_text)} name(s) not a string ({', '.join(not_text[:3])})")
+            names = [n for n in names if isinstance(n, str)]
+        empty = sum(1 for n in names if not n.strip())
         if empty:
             problems.append(f"{query}: {empty} empty name(s)")
         duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -55,10 +56,17 @@ class MockCourseServer:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(answer)))
+                    if 300 <= status < 400:
+                        self.send_header("Location", "/moved/")
                     self.end_headers()
                     self.wfile.write(answer)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
+
+            def do_GET(self):  # noqa: N802 (a followed redirect would arrive here)
+                mock.received.append({"path": self.path, "headers": dict(self.headers), "body": b"", "get": True})
+                self.send_response(404)
+                self.end_headers()
 
             def log_message(self, *args):
                 pass
@@ -188,15 +196,37 @@ def test_500_then_success_is_retried(protocol_submission, tmp_path, monkeypatch,
     assert log[1]["accuracy"] == 733.3333333333334
 
 
-def test_slow_answer_past_the_timeout_is_a_failed_try(protocol_submission, tmp_path, monkeypatch, capsys):
+def test_slow_answer_past_the_timeout_is_not_retried_by_default(protocol_submission, tmp_path, monkeypatch, capsys):
+    """The body was delivered: the server may have scored it, so a second try could count it twice."""
     with MockCourseServer([(200, b'{"accuracy": 1.0}', 30)]) as mock:
         code = submit_main([protocol_submission, "--group", "g", "--url", mock.url, "--timeout", "0.4",
                             "--retries", "1", "--backoff", "0.01"], tmp_path, monkeypatch)
-        assert len(mock.received) == 2
+        assert len(mock.received) == 1
     assert code == client.EXIT_FAILED
     log = client.read_log(tmp_path / LOG)
-    assert [r["outcome"] for r in log] == ["timeout", "timeout"]
-    assert "timeout" in capsys.readouterr().err
+    assert [(r["outcome"], r["body_sent"]) for r in log] == [("timeout", True)]
+    captured = capsys.readouterr()
+    assert "timeout" in captured.err and "--retry-after-timeout" in captured.out
+
+
+def test_retry_after_timeout_retries_a_delivered_body(protocol_submission, tmp_path, monkeypatch):
+    with MockCourseServer([(200, b'{"accuracy": 1.0}', 30)]) as mock:
+        code = submit_main([protocol_submission, "--group", "g", "--url", mock.url, "--timeout", "0.4",
+                            "--retries", "1", "--backoff", "0.01", "--retry-after-timeout"], tmp_path, monkeypatch)
+        assert len(mock.received) == 2
+    assert code == client.EXIT_FAILED
+    assert [r["outcome"] for r in client.read_log(tmp_path / LOG)] == ["timeout", "timeout"]
+
+
+def test_retry_rule():
+    attempt = client.Attempt
+    assert client.is_retryable(attempt(1, "connection-error"))
+    assert client.is_retryable(attempt(1, "timeout", body_sent=False))
+    assert not client.is_retryable(attempt(1, "timeout", body_sent=True))
+    assert client.is_retryable(attempt(1, "timeout", body_sent=True), retry_after_timeout=True)
+    assert client.is_retryable(attempt(1, "http-error", status=503))
+    for outcome, status in (("http-error", 404), ("http-error", 429), ("redirect", 302), ("bad-answer", 200)):
+        assert not client.is_retryable(attempt(1, outcome, status=status), retry_after_timeout=True)
 
 
 def test_non_json_answer_is_shown_shortened_and_not_retried(protocol_submission, tmp_path, monkeypatch, capsys):
@@ -325,3 +355,147 @@ def test_non_ascii_names_arrive_intact(tmp_path, monkeypatch):
     assert result.ok and result.accuracy_text == "0"
     assert mock.bodies() == [{"groupname": "gruppo-ü", "images": rankings}]
     assert mock.received[0]["body"].isascii()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hostile servers and bad options
+# --------------------------------------------------------------------------------------------------------------
+class TricklingServer:
+    """A raw socket server on 127.0.0.1: reads the request, then sends ``head`` and trickles ``trickle`` one byte
+    every ``interval`` seconds (at most ``len(trickle)`` bytes: a bounded loop), then closes."""
+
+    def __init__(self, head: bytes, trickle: bytes, interval: float = 0.5):
+        self.head, self.trickle, self.interval = head, trickle, interval
+        self.stop = threading.Event()
+        self.received = b""
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/retrieval/"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    while b"}}" not in self.received:  # the JSON body ends with "}}"
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        self.received += chunk
+                    conn.sendall(self.head)
+                    for byte in self.trickle:
+                        if self.stop.wait(self.interval):
+                            break
+                        conn.sendall(bytes([byte]))
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("what", ["headers", "body"])
+def test_timeout_bounds_a_try_when_the_server_trickles(what, protocol_submission, tmp_path):
+    """A byte every 0.5 s for up to 20 s: each read makes progress, yet the try must end near its timeout."""
+    if what == "headers":
+        head, trickle = b"HTTP/1.1 200 OK\r\nX-Slow: ", b"a" * 40
+    else:
+        head, trickle = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n", \
+            b'{"accuracy": 1.0' + b" " * 24
+    timeout = 1.5
+    with TricklingServer(head, trickle) as server:
+        start = time.monotonic()
+        result = client.submit(protocol_submission, "g", url=server.url, timeout=timeout, retries=2, backoff=0.01,
+                               log_path=tmp_path / "log.jsonl", echo=None)
+        elapsed = time.monotonic() - start
+    assert elapsed < 3 * timeout, elapsed
+    assert not result.ok and [a.outcome for a in result.attempts] == ["timeout"]  # delivered: not retried
+    assert result.attempts[0].body_sent and b'"groupname":"g"' in server.received
+    assert result.exit_code == client.EXIT_FAILED
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("--timeout", "nan", "--timeout must be a finite number"),
+    ("--timeout", "inf", "--timeout must be a finite number"),
+    ("--timeout", "0", "--timeout must be a finite number, positive"),
+    ("--timeout", "-1", "--timeout must be a finite number"),
+    ("--backoff", "nan", "--backoff must be a finite number"),
+    ("--backoff", "-0.5", "--backoff must be a finite number"),
+    ("--retries", "21", "--retries must be an integer from 0 to 20"),
+    ("--retries", "-1", "--retries must be an integer from 0 to 20"),
+])
+def test_bad_numeric_options_exit_2_with_nothing_sent(option, value, needle, protocol_submission, tmp_path,
+                                                     monkeypatch, capsys):
+    with MockCourseServer([(200, b'{"accuracy": 1.0}', 0)]) as mock:
+        code = submit_main([protocol_submission, "--group", "g", "--url", mock.url, f"{option}={value}"],
+                           tmp_path, monkeypatch)
+    assert code == client.EXIT_NOT_SENT and mock.received == []
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / LOG).exists()
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"accuracy": NaN}', "NaN"),
+    (b'{"accuracy": Infinity}', "Infinity"),
+    (b'{"accuracy": "high"}', "str, not a number"),
+    (b'{"accuracy": null}', "null, not a number"),
+    (b'{"accuracy": true}', "bool, not a number"),
+    (b'{"accuracy": [612.5]}', "list, not a number"),
+])
+def test_unusable_answers_are_a_failed_logged_try(answer, reason, protocol_submission, tmp_path, monkeypatch,
+                                                  capsys):
+    with MockCourseServer([(200, answer, 0)]) as mock:
+        code = submit_main([protocol_submission, "--group", "g", "--url", mock.url, "--backoff", "0.01"],
+                           tmp_path, monkeypatch)
+    assert code == client.EXIT_FAILED and len(mock.received) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: not accepted") and reason in err and "Traceback" not in err
+    log = client.read_log(tmp_path / LOG)
+    assert [(r["outcome"], r["accuracy"]) for r in log] == [("bad-answer", None)] and reason in log[0]["error"]
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_redirects_are_not_followed(status, protocol_submission, tmp_path, monkeypatch, capsys):
+    with MockCourseServer([(status, b"", 0)]) as mock:
+        code = submit_main([protocol_submission, "--group", "g", "--url", mock.url, "--retries", "2"],
+                           tmp_path, monkeypatch)
+    assert code == client.EXIT_FAILED
+    assert [(r["path"], "get" in r) for r in mock.received] == [("/retrieval/", False)]
+    assert "redirected to /moved/; not followed" in capsys.readouterr().err
+    assert [(r["outcome"], r["status"]) for r in client.read_log(tmp_path / LOG)] == [("redirect", status)]
+
+
+def test_an_unwritable_log_exits_2_before_sending(protocol_submission, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with MockCourseServer([(200, b'{"accuracy": 1.0}', 0)]) as mock:
+        code = submit_main([protocol_submission, "--group", "g", "--url", mock.url, "--log",
+                            blocker / "log.jsonl"], tmp_path, monkeypatch)
+    assert code == client.EXIT_NOT_SENT and mock.received == []
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot open the log") and len(err.strip().splitlines()) == 1
+
+
+def test_token_is_sent_as_a_bearer_header_and_never_logged(protocol_submission, tmp_path, monkeypatch):
+    with MockCourseServer([(200, b'{"accuracy": 1.0}', 0)]) as mock:
+        code = submit_main([protocol_submission, "--group", "g", "--url", mock.url, "--token", "s3cr3t-T0ken"],
+                           tmp_path, monkeypatch)
+    assert code == 0 and mock.received[0]["headers"]["Authorization"] == "Bearer s3cr3t-T0ken"
+    assert "s3cr3t-T0ken" not in (tmp_path / LOG).read_text()
+    assert submit_main([protocol_submission, "--group", "g", "--url", mock.url, "--token", "two words"],
+                       tmp_path, monkeypatch) == client.EXIT_NOT_SENT
