@@ -83,7 +83,7 @@ class RetrievalConfig:
     device: str = _opt("auto", "auto|cpu|cuda|cuda:N|mps")
     backend: str = _opt("auto", "CPU inference engine: onnx = ONNX Runtime, auto = ONNX Runtime for 200+ images on "
                         "the CPU when installed, else torch", choices=BACKEND_CHOICES)
-    workers: int | None = _opt(None, "image decoding processes (default: automatic)", type=int)
+    workers: int | None = _opt(None, "image decoding processes (default: automatic)", type=int, metavar="N")
     cache: bool = _opt(True, "do not read or write the embedding cache", flag="--no-cache", action="store_false")
     cache_dir: str | None = _opt(None, "embedding cache folder (default: ~/.cache/image-retrieval)", metavar="DIR")
     cache_dtype: str = _opt("float32", "storage type of cached embeddings", cli=False)
@@ -105,15 +105,16 @@ class RetrievalConfig:
     qe_alpha: float = _opt(3.0, "alpha-QE exponent", type=float, metavar="ALPHA")
     rerank: str = _opt("none", "k-reciprocal re-ranking (Zhong et al. 2017) of the whole gallery",
                        choices=RERANK_CHOICES)
-    k1: int = _opt(20, "re-ranking k1", type=int)
-    k2: int = _opt(6, "re-ranking k2", type=int)
+    k1: int = _opt(20, "re-ranking k1: neighbours of the k-reciprocal sets", type=int, metavar="K1")
+    k2: int = _opt(6, "re-ranking k2: neighbours of the local query expansion", type=int, metavar="K2")
     lambda_value: float = _opt(0.3, "re-ranking weight of the original distance, 0 to 1", flag="--lambda",
                                key="lambda", type=float, metavar="LAMBDA")
     out: str | None = _opt(None, "submission path (default: submissions/<run>.json)", metavar="FILE")
     format: str = _opt("dict", "submission format", choices=FORMAT_CHOICES)
     metrics_out: str | None = _opt(None, "metrics JSON path (default: results/<run>.json)", metavar="FILE")
     grid: str | None = _opt(None, "also write a PNG grid of the first queries here", metavar="FILE")
-    run_name: str | None = _opt(None, "name used for default output files (default: derived from the options)")
+    run_name: str | None = _opt(None, "name used for default output files (default: derived from the options)",
+                                metavar="NAME")
     progress: bool = _opt(True, "no progress bars", flag="--quiet", action="store_false")
 
     def __post_init__(self) -> None:
@@ -176,7 +177,12 @@ class RetrievalConfig:
         if self.run_name:
             return self.run_name
         parts = [dataset_name(dataset if dataset is not None else self.data), "+".join(self.models)]
-        parts += changed_options(self.output_options())
+        for key, value in changed_options(self.output_options()):
+            if key == "weights":
+                value = Path(str(value)).name
+            elif key == "checkpoint":
+                value = Path(str(value)).parent.name or Path(str(value)).stem
+            parts.append(f"{key}-{value}")
         return slug("_".join(parts))
 
     # ----------------------------------------------------------------------------------------------------------
@@ -334,34 +340,21 @@ def _default_of(name: str) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
-def changed_options(options: Mapping[str, Any]) -> list[str]:
-    """``key-value`` for every option of ``options`` that differs from its :class:`RetrievalConfig` default (a
-    weight file or checkpoint by its file name, the family options by their value)."""
-    parts = []
-    for key, value in options.items():
-        if value is None or value == _default_of(key):
-            continue
-        if key in ("weights", "checkpoint"):
-            value = Path(str(value)).name if key == "weights" else Path(str(value)).parent.name or Path(value).stem
-        parts.append(f"{key}-{value}")
-    return parts
+def changed_options(options: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(key, value)`` for every option of ``options`` (keyed by JSON key) that differs from its
+    :class:`RetrievalConfig` default, in the given order."""
+    return [(key, value) for key, value in options.items() if value is not None and value != _default_of(key)]
 
 
-def describe_changes(config: Mapping[str, Any], keys: tuple[str, ...]) -> list[tuple[str, Any]]:
-    """The ``(key, value)`` pairs of a recorded config (a metrics JSON's ``config``) among ``keys`` that take
-    effect and differ from their defaults; keys of older records that no field has are kept as they are."""
+def recorded_postprocess_changes(config: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The post-processing options of a recorded config (a metrics JSON's ``config``) that take effect and differ
+    from their defaults, as ``(key, value)`` pairs; keys that no option has are left out."""
     known = {json_key(f) for f in dataclasses.fields(RetrievalConfig)}
     try:
-        effective = RetrievalConfig.from_dict({k: v for k, v in config.items() if k in known}).postprocess_options()
-    except (ValueError, TypeError):
-        effective = {k: v for k, v in config.items() if k in known}
-    out = []
-    for key in sorted(keys):
-        value = effective.get(key, config.get(key)) if key in known else config.get(key)
-        if key in known and (key not in effective or value == _default_of(key)):
-            continue
-        out.append((key, value))
-    return out
+        options = RetrievalConfig.from_dict({k: v for k, v in config.items() if k in known}).postprocess_options()
+    except (ValueError, TypeError):  # an older or hand-written record: its values as they are
+        options = {key: config[key] for key in POSTPROCESS_KEYS if key in config}
+    return changed_options(options)
 
 
 #: JSON keys of the post-processing options (:func:`helpers.rerank.rank_gallery`).
@@ -372,3 +365,12 @@ POSTPROCESS_KEYS = ("rerank", "k1", "k2", "lambda", "qe", "qe_k", "qe_alpha", "d
 def postprocess_defaults() -> dict[str, Any]:
     """``{key: default}`` of the post-processing options, read from :class:`RetrievalConfig`."""
     return {key: _default_of(key) for key in POSTPROCESS_KEYS}
+
+
+def run_name_of(data_root: str | os.PathLike, config: RetrievalConfig | Mapping[str, Any]) -> str:
+    """The run name of a config or of its recorded dict (a metrics JSON's ``config``; facts of the run and keys
+    of older records that no option has are left out): :meth:`RetrievalConfig.run_name_for`."""
+    if not isinstance(config, RetrievalConfig):
+        known = {json_key(f) for f in dataclasses.fields(RetrievalConfig)}
+        config = RetrievalConfig.from_dict({key: value for key, value in config.items() if key in known})
+    return config.run_name_for(data_root)
