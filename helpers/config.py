@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ FACE_CHOICES = ("detect", "none")
 
 #: Keys a metrics JSON adds to the config of a run: facts of the run, not options (skipped by ``from_record``).
 RUN_FACTS = ("search", "postprocess")
+#: Where a run's files go: not repeated by ``from_record`` (a repeated run with other options must not overwrite
+#: the first run's files; it takes its own derived name unless these are given again).
+OUTPUT_FIELDS = ("out", "metrics_out", "grid", "run_name")
 
 
 def _opt(default: Any, help: str, flag: str | None = None, **cli: Any) -> Any:
@@ -212,7 +216,8 @@ class RetrievalConfig:
 
     @classmethod
     def from_record(cls, path: str | os.PathLike) -> "RetrievalConfig":
-        """The config stored in a metrics JSON (``results/<run>.json``) of an earlier run, to repeat it."""
+        """The config stored in a metrics JSON (``results/<run>.json``) of an earlier run, to repeat it: every
+        option but where the files go (:data:`OUTPUT_FIELDS`)."""
         try:
             record = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -222,7 +227,8 @@ class RetrievalConfig:
         config = record.get("config") if isinstance(record, dict) else None
         if not isinstance(config, dict):
             raise ValueError(f"--config: {path} is not a metrics JSON of a retrieve run (no \"config\" object)")
-        return cls.from_dict({key: value for key, value in config.items() if key not in RUN_FACTS})
+        return cls.from_dict({key: value for key, value in config.items()
+                              if key not in RUN_FACTS and key not in OUTPUT_FIELDS})
 
     def replace(self, **changes: Any) -> "RetrievalConfig":
         """A copy with ``changes`` applied and checked."""
@@ -254,7 +260,7 @@ def _check_int(config: RetrievalConfig, name: str, minimum: int, allow_none: boo
     value = getattr(config, name)
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
         _fail(name, f"must be an integer, got {value!r}")
     if value < minimum:
         _fail(name, f"must be at least {minimum}, got {value}")
@@ -263,7 +269,7 @@ def _check_int(config: RetrievalConfig, name: str, minimum: int, allow_none: boo
 
 def _check_number(config: RetrievalConfig, name: str, low: float, high: float = math.inf) -> None:
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
         bounds = f"between {low:g} and {high:g}" if high != math.inf else f"a number >= {low:g}"
         _fail(name, f"must be {bounds}, got {value!r}")
     setattr(config, name, float(value))

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 def check_k(k: int) -> int:
     """``k`` as an int; ``ValueError`` naming ``--k`` when it is not an integer of at least 1."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"--k must be at least 1 (names ranked per query), got {k!r}")
+        raise ValueError(f"--k must be at least 1 (an integer: names ranked per query), got {k!r}")
     return int(k)
 
 

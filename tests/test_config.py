@@ -100,10 +100,12 @@ def test_json_round_trip_and_unknown_keys():
 
 def test_from_record_reads_a_metrics_json(tmp_path):
     config = RetrievalConfig(k=5, rerank="kreciprocal")
-    record = {"metrics": {}, "config": {**config.to_dict(), "search": {"index": "exact"},
+    stored = config.replace(out="first.json", metrics_out="first_m.json", grid="g.png", run_name="first")
+    record = {"metrics": {}, "config": {**stored.to_dict(), "search": {"index": "exact"},
                                         "postprocess": [{"step": "kreciprocal"}]}}
     path = tmp_path / "run.json"
     path.write_text(json.dumps(record))
+    # every option but where the files went: a repeated run with other options never overwrites the first's files
     assert RetrievalConfig.from_record(path) == config
     path.write_text(json.dumps({"metrics": {}}))
     with pytest.raises(ValueError, match="not a metrics JSON of a retrieve run"):
