@@ -87,18 +87,20 @@ def _text(value: Any) -> str | None:
 
 
 def _rerank_options(config: Mapping[str, Any]) -> str:
-    """The post-processing options of a run that differ from their defaults (``helpers.rerank``)."""
-    from .rerank import POSTPROCESS_DEFAULTS
+    """The post-processing options of a run that take effect and differ from their defaults
+    (:func:`helpers.config.recorded_postprocess_changes`), and re-ranking keys of other records."""
+    from .config import POSTPROCESS_KEYS, recorded_postprocess_changes
 
+    pairs = dict(recorded_postprocess_changes(config))
+    for key, value in config.items():
+        if key not in POSTPROCESS_KEYS and (key in RERANK_KEYS or key.startswith(RERANK_PREFIXES)):
+            pairs[key] = value
     parts = []
-    for key in sorted(config):
-        if key in POSTPROCESS_DEFAULTS or key in RERANK_KEYS or key.startswith(RERANK_PREFIXES):
-            value = config[key]
-            if value in (None, False, "", "none", 0) or value == [] or value == {}:
-                continue
-            if key in POSTPROCESS_DEFAULTS and value == POSTPROCESS_DEFAULTS[key]:
-                continue
-            parts.append(key if value is True else f"{key}={value}")
+    for key in sorted(pairs):
+        value = pairs[key]
+        if value in (None, False, "", "none", 0) or value == [] or value == {}:
+            continue
+        parts.append(key if value is True else f"{key}={value}")
     return ", ".join(parts) or "none"
 
 

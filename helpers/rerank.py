@@ -20,18 +20,16 @@ from typing import Sequence
 
 import numpy as np
 
+from .config import FUSION_CHOICES, QE_CHOICES, RERANK_CHOICES, RetrievalConfig, postprocess_defaults  # noqa: F401
 from .embedding import l2_normalize
+from .postprocess import PostprocessChain, PostProcessor, RetrievalResults, check_k
 from .search import cosine_topk, topk_from_scores
 
 logger = logging.getLogger("helpers")
 
-RERANK_CHOICES = ("none", "kreciprocal")
-QE_CHOICES = ("none", "avg", "alpha")
-FUSION_CHOICES = ("concat", "score")
-
-#: Options of :func:`rank_gallery` as the run config and ``default_run_name`` record them, with their defaults.
-POSTPROCESS_DEFAULTS = {"rerank": "none", "k1": 20, "k2": 6, "lambda": 0.3, "qe": "none", "qe_k": 5,
-                        "qe_alpha": 3.0, "dba": 0, "index": "exact", "fusion": "concat", "fusion_weights": None}
+#: Options of :func:`rank_gallery` as a run config records them, with their defaults (from
+#: :class:`helpers.config.RetrievalConfig`, the only place that holds them).
+POSTPROCESS_DEFAULTS = postprocess_defaults()
 
 #: Elements (rows x columns) of one temporary block of the chunked computations (32 MB in float64).
 _BLOCK_ELEMENTS = 4_000_000
@@ -412,129 +410,212 @@ def fused_score_topk(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The whole post-search chain, as the pipeline runs it
+# The post-search chain as steps (helpers.postprocess), as the pipeline runs it
 # --------------------------------------------------------------------------------------------------------------
+class L2Normalize(PostProcessor):
+    """One model's embeddings L2-normalised (the first step when there is no fusion)."""
+
+    name = "normalize"
+
+    def __call__(self, results: RetrievalResults, k: int) -> RetrievalResults:
+        results.queries = [l2_normalize(q) for q in results.queries]
+        results.galleries = [l2_normalize(g) for g in results.galleries]
+        return results
+
+
+class EmbeddingFusion(PostProcessor):
+    """Several models' embeddings fused into one by :func:`concat_embeddings` (weighted mean of the cosines)."""
+
+    name = "fusion"
+
+    def __init__(self, weights: Sequence[float] | None = None):
+        self.weights = None if weights is None else [float(w) for w in weights]
+
+    def params(self) -> dict:
+        return {"mode": "concat", "weights": self.weights}
+
+    def __call__(self, results: RetrievalResults, k: int) -> RetrievalResults:
+        results.queries = [concat_embeddings(results.queries, self.weights)]
+        results.galleries = [concat_embeddings(results.galleries, self.weights)]
+        return results
+
+
+class ScoreFusion(PostProcessor):
+    """Ranks by the weighted sum of the models' cosine similarities (:func:`fused_score_topk`); exact search, final."""
+
+    name = "fusion"
+
+    def __init__(self, weights: Sequence[float] | None = None):
+        self.weights = None if weights is None else [float(w) for w in weights]
+
+    def params(self) -> dict:
+        return {"mode": "score", "weights": self.weights}
+
+    def __call__(self, results: RetrievalResults, k: int) -> RetrievalResults:
+        results.ranked(*fused_score_topk(results.queries, results.galleries, k=check_k(k), weights=self.weights))
+        results.info["index"] = "exact"
+        return results
+
+
+class DatabaseAugmentation(PostProcessor):
+    """DBA (Arandjelovic and Zisserman, CVPR 2012; Gordo et al., IJCV 2017): each gallery embedding replaced by
+    the normalised sum of itself and its ``k`` nearest gallery neighbours weighted by ``sim ** alpha``
+    (:func:`database_augmentation`; ``alpha=0``, the plain average, as Gordo et al.)."""
+
+    name = "dba"
+
+    def __init__(self, k: int = 5, alpha: float = 0.0):
+        self.k, self.alpha = int(k), float(alpha)
+
+    def params(self) -> dict:
+        return {"k": self.k, "alpha": self.alpha}
+
+    def __call__(self, results: RetrievalResults, k: int) -> RetrievalResults:
+        results.galleries = [database_augmentation(results.gallery, k=self.k, alpha=self.alpha)]
+        return results
+
+
+class IndexSearch(PostProcessor):
+    """Top-k by cosine similarity with a gallery index (:func:`helpers.index.build_index`: exact, flat, hnsw, ivf,
+    auto); the index is kept for later steps and its kind, parameters and measured recall go into ``info``."""
+
+    name = "search"
+
+    def __init__(self, index: str = "exact", options: dict | None = None):
+        self.index, self.options = index, dict(options or {})
+
+    def params(self) -> dict:
+        return {"index": self.index, **self.options}
+
+    def __call__(self, results: RetrievalResults, k: int) -> RetrievalResults:
+        from .index import build_index
+
+        query, gallery = results.query, results.gallery
+        built = build_index(gallery, kind=self.index, recall_queries=query if len(query) else None, **self.options)
+        results.searcher = built
+        results.info.update(index=built.kind, index_params=built.params)
+        if built.recall_at_10 is not None:
+            results.info["index_recall@10"] = built.recall_at_10
+        if built.message:
+            results.info["index_note"] = built.message
+        results.ranked(*built.search(query, k=check_k(k)))
+        return results
+
+
+class QueryExpansion(PostProcessor):
+    """Query expansion over the ``n`` nearest gallery embeddings: average QE (Chum et al., ICCV 2007; ``alpha=0``)
+    or alpha-QE (Radenovic et al., TPAMI 2019; ``alpha=3``). Neighbours come from the search step's index (exact
+    search without one); an existing ranking is refreshed with the expanded queries."""
+
+    name = "qe"
+
+    def __init__(self, mode: str = "alpha", n: int = 5, alpha: float = 3.0):
+        self.mode, self.n, self.alpha = mode, int(n), float(alpha) if mode == "alpha" else 0.0
+
+    def params(self) -> dict:
+        return {"mode": self.mode, "n": self.n, "alpha": self.alpha}
+
+    def __call__(self, results: RetrievalResults, k: int) -> RetrievalResults:
+        query, gallery = results.query, results.gallery
+        if results.searcher is not None:
+            neighbours, _ = results.searcher.search(query, k=self.n)
+        else:
+            neighbours, _ = cosine_topk(query, gallery, k=self.n)
+        results.queries = [_expand(query, gallery, self.n, self.alpha, neighbours)]
+        if results.indices is not None:
+            search = results.searcher.search if results.searcher is not None else (
+                lambda q, k: cosine_topk(q, gallery, k=k))
+            results.ranked(*search(results.queries[0], k=check_k(k)))
+        return results
+
+
+class KReciprocalRerank(PostProcessor):
+    """k-reciprocal re-ranking of the whole gallery (Zhong et al., CVPR 2017; k1=20, k2=6, lambda=0.3), scores
+    ``1 - final distance`` (:func:`rerank_topk`). It computes exact distances: an approximate ``index`` is noted
+    as unused."""
+
+    name = "kreciprocal"
+
+    def __init__(self, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, index: str = "exact"):
+        _check_params(k1, k2, lambda_value)
+        self.k1, self.k2, self.lambda_value, self.index = int(k1), int(k2), float(lambda_value), index
+
+    def params(self) -> dict:
+        return {"k1": self.k1, "k2": self.k2, "lambda": self.lambda_value}
+
+    def __call__(self, results: RetrievalResults, k: int) -> RetrievalResults:
+        if self.index not in ("exact", "auto"):
+            results.info["index_note"] = (f"k-reciprocal re-ranking computes exact distances: index {self.index!r} "
+                                          "is not used")
+            logger.warning(results.info["index_note"])
+        results.ranked(*rerank_topk(results.query, results.gallery, k=check_k(k), k1=self.k1, k2=self.k2,
+                                    lambda_value=self.lambda_value))
+        results.info["index"] = "exact"
+        return results
+
+
+def build_postprocess_chain(config: RetrievalConfig, index_options: dict | None = None) -> PostprocessChain:
+    """The steps of ``config`` in the documented order: fusion (``concat``: one embedding; ``score``: summed
+    similarities, final) or normalisation -> DBA -> search with ``config.index`` (skipped with re-ranking, which
+    searches exactly itself) -> query expansion -> k-reciprocal re-ranking."""
+    n_models = len(config.models)
+    if n_models > 1 and config.fusion == "score":
+        return PostprocessChain([ScoreFusion(config.fusion_weights)])
+    steps: list[PostProcessor] = [EmbeddingFusion(config.fusion_weights) if n_models > 1 else L2Normalize()]
+    if config.dba:
+        steps.append(DatabaseAugmentation(k=config.dba))
+    if config.rerank == "none":
+        steps.append(IndexSearch(config.index, index_options))
+    if config.qe != "none":
+        steps.append(QueryExpansion(config.qe, n=config.qe_k, alpha=config.qe_alpha))
+    if config.rerank != "none":
+        steps.append(KReciprocalRerank(config.k1, config.k2, config.lambda_value, index=config.index))
+    return PostprocessChain(steps)
+
+
+def _options_config(n_models: int, **options) -> RetrievalConfig:
+    """A :class:`RetrievalConfig` holding only post-processing options (models named by position), checked."""
+    if n_models < 1:
+        raise ValueError("give one query and one gallery embedding array per model")
+    return RetrievalConfig(model=[f"model-{i}" for i in range(n_models)], **options)
+
+
 def rank_gallery(
     queries: Sequence[np.ndarray],
     galleries: Sequence[np.ndarray],
     k: int = 10,
-    fusion: str = "concat",
+    fusion: str = POSTPROCESS_DEFAULTS["fusion"],
     fusion_weights: Sequence[float] | None = None,
-    dba: int = 0,
-    qe: str = "none",
-    qe_k: int = 5,
-    qe_alpha: float = 3.0,
-    rerank: str = "none",
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
-    index: str = "exact",
+    dba: int = POSTPROCESS_DEFAULTS["dba"],
+    qe: str = POSTPROCESS_DEFAULTS["qe"],
+    qe_k: int = POSTPROCESS_DEFAULTS["qe_k"],
+    qe_alpha: float = POSTPROCESS_DEFAULTS["qe_alpha"],
+    rerank: str = POSTPROCESS_DEFAULTS["rerank"],
+    k1: int = POSTPROCESS_DEFAULTS["k1"],
+    k2: int = POSTPROCESS_DEFAULTS["k2"],
+    lambda_value: float = POSTPROCESS_DEFAULTS["lambda"],
+    index: str = POSTPROCESS_DEFAULTS["index"],
     index_options: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Top-k gallery indices and scores for one or several models' (query, gallery) embeddings.
-
-    Order: fusion (``concat``: one embedding; ``score``: summed similarities, plain search only) -> DBA on the
-    gallery (``dba`` neighbours) -> search with ``index`` -> query expansion (``avg``/``alpha`` over ``qe_k``
-    neighbours, then search again) -> k-reciprocal re-ranking of the whole gallery (scores are then
-    ``1 - final distance``). Returns (indices, scores, info) where info says what ran (index kind, recall).
-    """
-    from .index import build_index
-
-    if len(queries) != len(galleries) or not queries:
+    """Top-k gallery indices and scores for one or several models' (query, gallery) embeddings: the chain of
+    :func:`build_postprocess_chain` (fusion -> DBA -> search with ``index`` -> query expansion -> k-reciprocal
+    re-ranking, scores then ``1 - final distance``). Returns (indices, scores, info) where info says what ran
+    (index kind, recall). ``ValueError`` for ``k < 1`` or an invalid option."""
+    if len(queries) != len(galleries) or not len(queries):
         raise ValueError("give one query and one gallery embedding array per model")
-    if fusion not in FUSION_CHOICES:
-        raise ValueError(f"fusion must be one of {FUSION_CHOICES}, not {fusion!r}")
-    if qe not in QE_CHOICES:
-        raise ValueError(f"qe must be one of {QE_CHOICES}, not {qe!r}")
-    if rerank not in RERANK_CHOICES:
-        raise ValueError(f"rerank must be one of {RERANK_CHOICES}, not {rerank!r}")
-    if qe != "none" and qe_k < 1:
-        raise ValueError(f"--qe-k must be at least 1 with --qe {qe}, got {qe_k}")
-    info: dict = {}
-    if len(queries) > 1 and fusion == "score":
-        if dba or qe != "none" or rerank != "none" or index not in ("exact", "flat", "auto"):
-            raise ValueError("--fusion score ranks by summed similarities (exact search only); use --fusion concat "
-                             "to combine models with --dba, --qe, --rerank or an approximate --index")
-        idx, val = fused_score_topk(queries, galleries, k=k, weights=fusion_weights)
-        info["index"] = "exact"
-        return idx, val, info
-    if len(queries) > 1:
-        query, gallery = concat_embeddings(queries, fusion_weights), concat_embeddings(galleries, fusion_weights)
-    else:
-        query, gallery = l2_normalize(queries[0]), l2_normalize(galleries[0])
-    if dba:
-        gallery = database_augmentation(gallery, k=dba)
-    if rerank != "none":
-        if qe != "none":
-            neighbours, _ = cosine_topk(query, gallery, k=qe_k)
-            query = _expand(query, gallery, qe_k, qe_alpha if qe == "alpha" else 0.0, neighbours)
-        if index not in ("exact", "auto"):
-            info["index_note"] = f"k-reciprocal re-ranking computes exact distances: index {index!r} is not used"
-            logger.warning(info["index_note"])
-        idx, val = rerank_topk(query, gallery, k=k, k1=k1, k2=k2, lambda_value=lambda_value)
-        info["index"] = "exact"
-        return idx, val, info
-    built = build_index(gallery, kind=index, recall_queries=query if len(query) else None, **(index_options or {}))
-    info.update(index=built.kind, index_params=built.params)
-    if built.recall_at_10 is not None:
-        info["index_recall@10"] = built.recall_at_10
-    if built.message:
-        info["index_note"] = built.message
-    if qe != "none":
-        neighbours, _ = built.search(query, k=qe_k)
-        query = _expand(query, gallery, qe_k, qe_alpha if qe == "alpha" else 0.0, neighbours)
-    idx, val = built.search(query, k=k)
-    return idx, val, info
+    check_k(k)
+    config = _options_config(len(queries), k=k, fusion=fusion, fusion_weights=fusion_weights, dba=dba, qe=qe,
+                             qe_k=qe_k, qe_alpha=qe_alpha, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
+                             index=index)
+    chain = build_postprocess_chain(config, index_options)
+    results = chain.run(RetrievalResults(list(queries), list(galleries)), k)
+    return results.indices, results.scores, results.info
 
 
-def postprocess_config(
-    n_models: int = 1,
-    rerank: str = "none",
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
-    qe: str = "none",
-    qe_k: int = 5,
-    qe_alpha: float = 3.0,
-    dba: int = 0,
-    index: str = "exact",
-    fusion: str = "concat",
-    fusion_weights: Sequence[float] | None = None,
-) -> dict:
-    """Check :func:`rank_gallery`'s options and return the ones that matter, as a run config records them
-    (re-ranking parameters only with re-ranking, QE parameters only with QE, fusion only with several models)."""
-    from .index import INDEX_CHOICES
-
-    if rerank not in RERANK_CHOICES:
-        raise ValueError(f"rerank must be one of {RERANK_CHOICES}, not {rerank!r}")
-    if qe not in QE_CHOICES:
-        raise ValueError(f"qe must be one of {QE_CHOICES}, not {qe!r}")
-    if index not in INDEX_CHOICES:
-        raise ValueError(f"index must be one of {INDEX_CHOICES}, not {index!r}")
-    if fusion not in FUSION_CHOICES:
-        raise ValueError(f"fusion must be one of {FUSION_CHOICES}, not {fusion!r}")
-    if int(dba) != dba or dba < 0:
-        raise ValueError(f"dba (neighbours per gallery image) must be an integer >= 0, got {dba}")
-    config: dict = {"rerank": rerank, "qe": qe, "dba": int(dba), "index": index}
-    if rerank != "none":
-        _check_params(k1, k2, lambda_value)
-        config.update(k1=int(k1), k2=int(k2), **{"lambda": float(lambda_value)})
-    if qe != "none":
-        if int(qe_k) != qe_k or qe_k < 1:
-            raise ValueError(f"qe_k must be a positive integer with qe={qe}, got {qe_k}")
-        config["qe_k"] = int(qe_k)
-        if qe == "alpha":
-            config["qe_alpha"] = float(qe_alpha)
-    if fusion_weights is not None and n_models == 1 and len(list(fusion_weights)) != 1:
-        raise ValueError(f"{len(list(fusion_weights))} fusion weights for one model; give one --model per weight")
-    if n_models > 1:
-        config["fusion"] = fusion
-        if fusion_weights is not None:
-            config["fusion_weights"] = ",".join(f"{w:g}" for w in _fusion_weights(n_models, fusion_weights))
-        if fusion == "score" and (dba or qe != "none" or rerank != "none" or index not in ("exact", "flat", "auto")):
-            raise ValueError("--fusion score ranks by summed similarities (exact search only); use --fusion concat "
-                             "to combine models with --dba, --qe, --rerank or an approximate --index")
-    return config
+def postprocess_config(n_models: int = 1, **options) -> dict:
+    """Check :func:`rank_gallery`'s options (those of :class:`helpers.config.RetrievalConfig`) and return the ones
+    that take effect, as a run config records them (:meth:`RetrievalConfig.postprocess_options`)."""
+    return _options_config(n_models, **options).postprocess_options()
 
 
 def align_by_path(results: Sequence) -> list:

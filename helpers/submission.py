@@ -173,3 +173,33 @@ def validate_submission(
         if missing:
             problems.append(f"{len(missing)} query(ies) missing, e.g. {missing[:5]}")
     return problems
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scores file: the similarity of each ranked name, beside its submission
+# ----------------------------------------------------------------------------------------------------------------
+def scores_sidecar_path(submission: str | os.PathLike) -> Path:
+    """Where the similarities of a submission are kept: ``<name>.scores.json`` beside ``<name>.json``."""
+    submission = Path(submission)
+    return submission.with_name(f"{submission.stem}.scores.json")
+
+
+def write_scores(path: str | os.PathLike, scores: Mapping[str, Iterable[float]]) -> Path:
+    """Write ``{query: [similarity of each ranked name]}`` (rounded to 6 decimals; the file read by ``show``)."""
+    return write_json(path, {q: [round(float(s), 6) for s in row] for q, row in scores.items()}, indent=None)
+
+
+def load_scores(path: str | os.PathLike) -> dict[str, list[float]]:
+    """Read a scores file; a clear ValueError when it is not ``{query: [numbers]}``."""
+    from .fileio import read_json
+
+    try:
+        raw = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read scores file {path}: {exc}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+        raise ValueError(f"scores file {path} must be a JSON object {{query: [similarities]}}")
+    try:
+        return {str(q): [float(s) for s in row] for q, row in raw.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"scores file {path}: every similarity must be a number") from None

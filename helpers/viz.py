@@ -11,11 +11,12 @@ import numpy as np
 
 from .data import ImageLoadError, load_image
 from .fileio import write_bytes
+from .submission import load_scores, scores_sidecar_path, write_scores  # noqa: F401  (the scores file format)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from .pipeline import RetrievalRun
+    from .run import RetrievalRun
 
 CORRECT_COLOR = "#1a9641"
 WRONG_COLOR = "#d7191c"
@@ -209,35 +210,6 @@ def pick_queries(
         depth += 1
     order = {q: i for i, q in enumerate(names)}
     return sorted(chosen, key=lambda q: (classes[q], order[q]))
-
-
-def scores_sidecar_path(submission: str | os.PathLike) -> Path:
-    """Where the similarities of a submission are kept: ``<name>.scores.json`` beside ``<name>.json``."""
-    submission = Path(submission)
-    return submission.with_name(f"{submission.stem}.scores.json")
-
-
-def write_scores(path: str | os.PathLike, scores: Mapping[str, Sequence[float]]) -> Path:
-    """Write ``{query: [similarity of each ranked name]}`` (the sidecar read by ``show``)."""
-    from .fileio import write_json
-
-    return write_json(path, {q: [round(float(s), 6) for s in row] for q, row in scores.items()}, indent=None)
-
-
-def load_scores(path: str | os.PathLike) -> dict[str, list[float]]:
-    """Read a scores sidecar; a clear ValueError when it is not ``{query: [numbers]}``."""
-    from .fileio import read_json
-
-    try:
-        raw = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read scores file {path}: {exc}") from None
-    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
-        raise ValueError(f"scores file {path} must be a JSON object {{query: [similarities]}}")
-    try:
-        return {str(q): [float(s) for s in row] for q, row in raw.items()}
-    except (TypeError, ValueError):
-        raise ValueError(f"scores file {path}: every similarity must be a number") from None
 
 
 def similarities_from_model(

@@ -87,3 +87,57 @@ def test_demo_runs_offline_in_a_fresh_folder(tmp_path):
     assert record["model_name"] == "efficientnet-lite0" and 0 <= record["metrics"]["weighted_score"] <= 1000
     assert record["metrics"]["hit@10"] >= 0.5  # real ImageNet features on real digits: far above chance (0.1)
     assert "grid:" in done.stdout and Path(tmp_path, "data", "demo", "test", "ground_truth.json").exists()
+
+
+def test_run_name_holds_k_and_the_folder_that_holds_test(tmp_path):
+    """``--k 5`` no longer replaces the k=10 run's files, and ``--data DIR/test`` is named after DIR."""
+    from helpers.pipeline import default_run_name
+
+    data = tmp_path / "birds"
+    (data / "test" / "query").mkdir(parents=True)
+    assert default_run_name(data, {"model": "efficientnet-lite0", "k": 10}) == "birds_efficientnet-lite0"
+    assert default_run_name(data, {"model": "efficientnet-lite0", "k": 5}) == "birds_efficientnet-lite0_k-5"
+    assert default_run_name(data / "test", {"model": "efficientnet-lite0", "k": 10}) == "birds_efficientnet-lite0"
+
+
+def test_retrieve_config_repeats_a_run_byte_for_byte(tmp_path, demo_data, monkeypatch, capsys):
+    """A run's metrics JSON holds its whole config: ``retrieve --config`` reproduces the submission and scores;
+    options given override the file; runs that differ in an output option get their own files."""
+    monkeypatch.chdir(tmp_path)
+    first = ["retrieve", "--data", str(demo_data), "--k", "5", "--qe", "alpha", "--dba", "2", "--format", "list",
+             "--quiet"]
+    assert cli_main(first) == 0
+    name = f"{demo_data.name}_efficientnet-lite0_k-5_qe-alpha_dba-2_format-list"
+    submission, metrics = tmp_path / "submissions" / f"{name}.json", tmp_path / "results" / f"{name}.json"
+    record = json.loads(metrics.read_text())
+    assert record["run_name"] == name and record["config"]["k"] == 5 and record["config"]["precision"] == "fp32"
+    assert [s["step"] for s in record["config"]["postprocess"]] == ["normalize", "dba", "search", "qe"]
+
+    assert cli_main(["retrieve", "--config", str(metrics), "--out", "again.json", "--metrics-out", "again_m.json"]) == 0
+    assert (tmp_path / "again.json").read_bytes() == submission.read_bytes()
+    assert (tmp_path / "again.scores.json").read_bytes() == submission.with_name(f"{name}.scores.json").read_bytes()
+    assert json.loads((tmp_path / "again_m.json").read_text())["metrics"] == record["metrics"]
+
+    before = submission.read_bytes()
+    assert cli_main(["retrieve", "--config", str(metrics), "--k", "3"]) == 0  # an option given overrides the file
+    fewer = load_submission(tmp_path / "submissions" / f"{name.replace('k-5', 'k-3')}.json")
+    assert {len(names) for names in fewer.values()} == {3} and submission.read_bytes() == before
+    capsys.readouterr()
+
+
+def test_run_retrieval_takes_a_config_and_todays_keywords(demo_data, lite0):
+    from helpers.config import RUN_FACTS, RetrievalConfig
+
+    common = dict(device="cpu", progress=False, num_workers=0, use_cache=False)
+    by_keywords = run_retrieval(demo_data, model=lite0, k=4, tta="flip", **common)
+    by_config = run_retrieval(demo_data, RetrievalConfig(k=4, tta="flip"), model=lite0, **common)
+    assert by_config.rankings == by_keywords.rankings and by_config.scores == by_keywords.scores
+    assert {len(names) for names in by_config.rankings.values()} == {4}
+    assert by_config.config["cache"] is False and by_config.config["workers"] == 0
+    stored = {key: value for key, value in by_config.config.items() if key not in RUN_FACTS}
+    assert RetrievalConfig.from_dict(stored) == by_config.settings
+    assert by_config.run_name == f"{demo_data.name}_efficientnet-lite0_k-4_tta-flip"
+    with pytest.raises(TypeError, match="colour"):
+        run_retrieval(demo_data, model=lite0, colour="red")
+    with pytest.raises(ValueError, match="--k must be at least 1"):
+        run_retrieval(demo_data, model=lite0, k=0, **common)

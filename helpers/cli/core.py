@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_data, add_k, add_model, model_options, positive_int
+from .common import add_k, add_model, positive_int
 
 
 def register(subparsers) -> None:
@@ -28,29 +28,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_split)
 
     p = subparsers.add_parser("retrieve", help="rank the gallery for every query; evaluate if ground truth exists")
-    add_data(p)
-    add_model(p, multiple=True)
-    add_k(p)
-    p.add_argument("--out", metavar="FILE", help="submission path (default: submissions/<run>.json)")
-    p.add_argument("--format", choices=("dict", "list"), default="dict", help="submission format (default: dict)")
-    p.add_argument("--metrics-out", metavar="FILE", help="metrics JSON path (default: results/<run>.json)")
-    p.add_argument("--grid", metavar="FILE", help="also write a PNG grid of the first queries here")
-    p.add_argument("--tta", choices=("none", "flip", "multiscale"), default="none", help="test-time augmentation")
-    p.add_argument("--text-modifier", metavar="TEXT",
-                   help="composed queries (CLIP models): add this text to every query image, e.g. \"in red\"")
-    p.add_argument("--text-weight", type=float, default=0.5, metavar="W",
-                   help="weight of --text-modifier in the normalised sum, 0 (image) to 1 (text) (default: %(default)s)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
-    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
-                   help="CPU inference engine: onnx = ONNX Runtime, auto = ONNX Runtime for 200+ images on the CPU "
-                        "when installed, else torch (default: %(default)s)")
-    p.add_argument("--cache-dir", metavar="DIR", help="embedding cache folder (default: ~/.cache/image-retrieval)")
-    p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: automatic)")
-    p.add_argument("--run-name", help="name used for default output files")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_postprocessing(p)
-    p.add_argument("--checkpoint", metavar="RUN_DIR/best.pt",
-                   help="embed with a model trained by `train` (its head's embedding); replaces --model/--weights")
+    add_config_options(p)
     p.set_defaults(func=cmd_retrieve)
 
     p = subparsers.add_parser("evaluate", help="score a submission file against ground truth")
@@ -111,18 +89,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     from ..metrics import format_metrics_table
     from ..pipeline import run_retrieval, save_run
 
-    run = run_retrieval(
-        args.data, model=retrieve_models(args), weights=args.weights, k=args.k, batch_size=args.batch_size,
-        device=args.device, use_cache=not args.no_cache, cache_dir=args.cache_dir, tta=args.tta,
-        num_workers=args.workers, progress=not args.quiet, run_name=args.run_name, backend=args.backend,
-        rerank=args.rerank, k1=args.k1, k2=args.k2, lambda_value=args.lambda_value, qe=args.qe, qe_k=args.qe_k,
-        qe_alpha=args.qe_alpha, dba=args.dba, index=args.index, fusion=args.fusion,
-        fusion_weights=args.fusion_weights,
-        model_options=model_options(args),
-        text_modifier=args.text_modifier, text_weight=args.text_weight,
-        checkpoint=args.checkpoint,
-    )
-    outputs = save_run(run, out=args.out, fmt=args.format, metrics_out=args.metrics_out, grid_out=args.grid)
+    run = run_retrieval(config=retrieve_config(args))
+    outputs = save_run(run)
     skipped = len(run.query.skipped) + len(run.gallery.skipped)
     print(f"{len(run.rankings)} queries x {len(run.gallery.paths)} gallery images with {run.model_name}; "
           f"embeddings: {run.query.n_cached + run.gallery.n_cached} from cache, "
@@ -140,49 +108,51 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_postprocessing(p: argparse.ArgumentParser) -> None:
-    """Re-ranking, query expansion, DBA, index and ensemble options of ``retrieve`` (see helpers.rerank)."""
-    g = p.add_argument_group("re-ranking, query expansion, index, ensembles")
-    g.add_argument("--rerank", choices=("none", "kreciprocal"), default="none",
-                   help="k-reciprocal re-ranking (Zhong et al. 2017) of the whole gallery (default: none)")
-    g.add_argument("--k1", type=positive_int, default=20, help="re-ranking k1 (default: %(default)s)")
-    g.add_argument("--k2", type=positive_int, default=6, help="re-ranking k2 (default: %(default)s)")
-    g.add_argument("--lambda", dest="lambda_value", type=float, default=0.3, metavar="LAMBDA",
-                   help="re-ranking weight of the original distance, 0 to 1 (default: %(default)s)")
-    g.add_argument("--qe", choices=("none", "avg", "alpha"), default="none",
-                   help="query expansion: average (Chum et al. 2007) or alpha-weighted (Radenovic et al. 2019)")
-    g.add_argument("--qe-k", type=positive_int, default=5, metavar="N",
-                   help="neighbours used by query expansion (default: %(default)s)")
-    g.add_argument("--qe-alpha", type=float, default=3.0, metavar="ALPHA", help="alpha-QE exponent (default: 3)")
-    g.add_argument("--dba", type=int, default=0, metavar="K",
-                   help="database-side augmentation with K gallery neighbours (default: 0, off)")
-    g.add_argument("--index", choices=("exact", "flat", "hnsw", "ivf", "auto"), default="exact",
-                   help="search: exact, FAISS flat (exact), HNSW or IVF (approximate), auto by size (default: exact)")
-    g.add_argument("--fusion", choices=("concat", "score"), default="concat",
-                   help="with several --model: concatenated embeddings or summed similarities (default: concat)")
-    g.add_argument("--fusion-weights", type=fusion_weight_list, default=None, metavar="W1,W2",
-                   help="one weight per --model, e.g. 0.6,0.4 (default: equal)")
+#: Fields of :class:`helpers.config.RetrievalConfig` shown in the post-processing group of ``retrieve --help``.
+POSTPROCESS_FIELDS = ("fusion", "fusion_weights", "dba", "index", "qe", "qe_k", "qe_alpha", "rerank", "k1", "k2",
+                      "lambda_value")
 
 
-def fusion_weight_list(text: str) -> list[float]:
-    try:
-        weights = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.6,0.4, got {text!r}") from None
-    if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise argparse.ArgumentTypeError(f"weights must be >= 0 and not all 0, got {text!r}")
-    return weights
+def _default_text(f) -> str:
+    import dataclasses
+
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if default is None or "(default" in f.metadata["help"] or f.metadata["argparse"].get("action") in (
+            "store_true", "store_false"):
+        return ""
+    return f" (default: {default})"
 
 
-def retrieve_models(args: argparse.Namespace):
-    """``--model`` given once or never: one name; several times: the list (an ensemble)."""
-    from ..models import DEFAULT_MODEL
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """The ``retrieve`` options, one per field of :class:`helpers.config.RetrievalConfig` that has one (its
+    ``cli`` metadata: option, help, choices, type), and ``--config``. Options not given stay out of the namespace
+    (``argparse.SUPPRESS``), so that the config's defaults, or the ``--config`` file's values, apply."""
+    import dataclasses
 
-    models = args.model or [DEFAULT_MODEL]
-    if args.fusion_weights is not None and len(args.fusion_weights) != len(models):
-        raise ValueError(f"--fusion-weights has {len(args.fusion_weights)} values for {len(models)} --model; "
-                         "give one weight per model")
-    return models[0] if len(models) == 1 else models
+    from ..config import RetrievalConfig, cli_flag
+
+    groups = {False: p, True: p.add_argument_group("re-ranking, query expansion, index, ensembles")}
+    p.add_argument("--config", metavar="RUN.json", default=None,
+                   help="repeat an earlier run: its metrics JSON (results/<run>.json); options given override it")
+    for f in dataclasses.fields(RetrievalConfig):
+        if not f.metadata.get("cli"):
+            continue
+        kwargs = dict(f.metadata["argparse"])
+        help_text = f.metadata["help"] + _default_text(f)
+        groups[f.name in POSTPROCESS_FIELDS].add_argument(cli_flag(f), dest=f.name, default=argparse.SUPPRESS,
+                                                          help=help_text, **kwargs)
+
+
+def retrieve_config(args: argparse.Namespace):
+    """The :class:`helpers.config.RetrievalConfig` of a ``retrieve`` command line: the ``--config`` file's (or the
+    defaults), with every option given on the command line applied on top, checked."""
+    import dataclasses
+
+    from ..config import RetrievalConfig
+
+    base = RetrievalConfig.from_record(args.config) if getattr(args, "config", None) else RetrievalConfig()
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RetrievalConfig) if hasattr(args, f.name)}
+    return base.replace(**given)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
