@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from .embedding import l2_normalize
-from .search import cosine_topk, topk_from_scores
+from .search import check_k, cosine_topk, topk_from_scores
 
 logger = logging.getLogger("helpers")
 
@@ -47,13 +47,18 @@ def _as_2d(name: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _check_params(k1: int, k2: int, lambda_value: float) -> None:
-    if int(k1) != k1 or k1 < 1:
-        raise ValueError(f"k1 must be a positive integer, got {k1}")
-    if int(k2) != k2 or k2 < 1:
-        raise ValueError(f"k2 must be a positive integer, got {k2}")
+def _check_params(k1: int, k2: int, lambda_value: float) -> tuple[int, int]:
+    """``(k1, k2)`` as ints (integral floats such as ``6.0`` are accepted); a ValueError naming the bad one."""
+    for name, value in (("k1", k1), ("k2", k2)):
+        try:
+            ok = not isinstance(value, (bool, str)) and int(value) == value and value >= 1
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"lambda_value must be between 0 and 1, got {lambda_value}")
+    return int(k1), int(k2)
 
 
 def _original_distances(x: np.ndarray, sq: np.ndarray, n_query: int, k: int):
@@ -219,7 +224,7 @@ def k_reciprocal(
     sort does; the authors' ``np.argsort`` leaves the order of exact ties unspecified, so with duplicate images
     the two can pick different neighbours at the k1+1 boundary.
     """
-    _check_params(k1, k2, lambda_value)
+    k1, k2 = _check_params(k1, k2, lambda_value)
     q = _as_2d("query_emb", query_emb)
     g = _as_2d("gallery_emb", gallery_emb)
     if q.shape[1] != g.shape[1]:
@@ -264,6 +269,7 @@ def rerank_topk(
     """
     import torch
 
+    k = check_k(k)
     dist = k_reciprocal(query_emb, gallery_emb, k1=k1, k2=k2, lambda_value=lambda_value)
     if dist.shape[1] == 0:
         return np.zeros((dist.shape[0], 0), np.int64), np.zeros((dist.shape[0], 0), np.float32)
@@ -396,6 +402,7 @@ def fused_score_topk(
     a time (ties to the lower gallery index). Returns (indices, fused scores)."""
     import torch
 
+    k = check_k(k)
     w = _fusion_weights(len(queries), weights)
     if len(galleries) != len(queries):
         raise ValueError("one gallery embedding array per query embedding array")

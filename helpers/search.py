@@ -9,6 +9,19 @@ import numpy as np
 import torch
 
 
+def check_k(k: int, name: str = "k") -> int:
+    """``k`` as an int: integral numbers are accepted (``10.0``), anything else or ``k < 1`` raises ValueError."""
+    try:
+        ok = not isinstance(k, (bool, str)) and int(k) == k
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a whole number, got {k!r}")
+    if k < 1:
+        raise ValueError(f"{name} must be at least 1, got {k}")
+    return int(k)
+
+
 def _row_exact_topk(scores: np.ndarray, k: int) -> np.ndarray:
     """Top-k of one row by (score descending, index ascending)."""
     order = np.lexsort((np.arange(scores.shape[0]), -scores))
@@ -17,6 +30,7 @@ def _row_exact_topk(scores: np.ndarray, k: int) -> np.ndarray:
 
 def topk_from_scores(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k indices and scores per row of a (Q, G) score matrix, ties to the lower index."""
+    k = check_k(k)
     n_gallery = scores.shape[1]
     k = min(k, n_gallery)
     probe = min(k + 1, n_gallery)
@@ -64,8 +78,7 @@ def cosine_topk(
     """
     if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
         raise ValueError(f"query {query.shape} and gallery {gallery.shape} must be (n, d) with the same d")
-    if k < 1:
-        raise ValueError("k must be at least 1")
+    k = check_k(k)
     n_query, n_gallery = query.shape[0], gallery.shape[0]
     k_eff = min(k, n_gallery)
     out_idx = np.empty((n_query, k_eff), dtype=np.int64)

@@ -180,6 +180,29 @@ def test_k_reciprocal_rejects_bad_input():
         k_reciprocal(q, q, k1=0)
 
 
+def test_integral_float_parameters_equal_their_int_and_others_are_refused_by_name():
+    query, gallery = random_embeddings(5, 8, 0), random_embeddings(30, 8, 1)
+    expected = k_reciprocal(query, gallery, k1=7, k2=6)
+    np.testing.assert_array_equal(k_reciprocal(query, gallery, k1=7.0, k2=6.0), expected)
+    for bad in (6.5, float("nan"), float("inf"), "6", True, 0, -2):
+        with pytest.raises(ValueError, match="k2 must be a positive integer"):
+            k_reciprocal(query, gallery, k2=bad)
+        with pytest.raises(ValueError, match="k1 must be a positive integer"):
+            k_reciprocal(query, gallery, k1=bad)
+
+
+@pytest.mark.parametrize("k", [0, -1])
+def test_k_below_one_is_refused_by_every_top_k_function(k):
+    query, gallery = random_embeddings(3, 8, 0), random_embeddings(20, 8, 1)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        rerank_topk(query, gallery, k=k)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        fused_score_topk([query], [gallery], k=k)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        cosine_topk(query, gallery, k=k)
+    assert rerank_topk(query, gallery, k=2.0)[0].shape == (3, 2)  # an integral float is a k
+
+
 def test_k_reciprocal_with_a_gallery_smaller_than_k1():
     query, gallery = random_embeddings(4, 8, 0), random_embeddings(6, 8, 1)
     np.testing.assert_allclose(k_reciprocal(query, gallery), dense_reference(query, gallery), atol=1e-5)
