@@ -1,7 +1,9 @@
 """Gallery indexes: exact search (``exact``: :func:`helpers.search.cosine_topk`; ``flat``: FAISS ``IndexFlatIP``)
 and approximate FAISS indexes for large galleries (``hnsw``, ``ivf``), ``auto`` choosing by gallery size.
 
-All indexes work on L2-normalised float32 vectors, so inner product = cosine similarity. An approximate index
+All indexes work on L2-normalised float32 vectors, so inner product = cosine similarity: gallery and query rows
+whose L2 norm is not 1 (beyond :data:`NORM_TOLERANCE`) are normalised first, so every kind ranks by cosine whatever
+the input's scale; rows holding NaN or Inf are refused with their row indices. An approximate index
 reports its recall@10 against exact search when it is built, and every search returns ``min(k, G)`` valid gallery
 indices per query: rows where an approximate index comes back short (-1) are completed by exact search.
 FAISS is imported only when a FAISS index is used.
@@ -19,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .embedding import l2_normalize
 from .fileio import write_bytes, write_json
-from .search import cosine_topk
+from .search import check_finite, check_k, cosine_topk
 
 logger = logging.getLogger("helpers")
 
@@ -33,6 +34,9 @@ AUTO_IVF_ABOVE = 2_000_000
 #: FAISS warns when k-means gets fewer than 39 training points per centroid; below that an IVF falls back.
 MIN_POINTS_PER_CENTROID = 39
 RECALL_SAMPLE = 1000
+#: Rows whose L2 norm differs from 1 by more than this are normalised (float16 storage keeps norms within ~1e-3);
+#: rows already of unit norm are used as they are, bit for bit.
+NORM_TOLERANCE = 1e-3
 
 
 def _faiss():
@@ -48,6 +52,20 @@ def _as_float32(x: np.ndarray, name: str) -> np.ndarray:
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (n, d), got shape {x.shape}")
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _unit_rows(x: np.ndarray, what: str) -> np.ndarray:
+    """``x`` (float32, 2-D) with every row of non-unit norm L2-normalised (all-zero rows stay zero), so that inner
+    product ranks by cosine; a ValueError naming the rows that hold NaN or Inf."""
+    check_finite(x, what=what)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    off = (np.abs(norms - 1.0) > NORM_TOLERANCE) & (norms > 0)
+    if not off.any():
+        return x
+    logger.debug("%d of %d %s vectors are not L2-normalised: normalised (cosine ranking)", int(off.sum()), len(x), what)
+    x = x.copy()
+    x[off] /= norms[off, None]
+    return x
 
 
 @dataclass
@@ -76,8 +94,8 @@ class GalleryIndex:
         query = _as_float32(query, "query")
         if query.shape[1] != self.dim:
             raise ValueError(f"query dimension {query.shape[1]} differs from the index dimension {self.dim}")
-        if k < 1:
-            raise ValueError("k must be at least 1")
+        k = check_k(k)
+        query = _unit_rows(query, "query")
         if self.kind == "exact" or self.size == 0:
             return cosine_topk(query, self.vectors, k=k)
         k_eff = min(k, self.size)
@@ -133,7 +151,8 @@ def build_index(
     recall_queries: np.ndarray | None = None,
     seed: int = 0,
 ) -> GalleryIndex:
-    """Index L2-normalised ``gallery`` vectors (G, d) for inner-product search.
+    """Index ``gallery`` vectors (G, d) for cosine search (rows not of unit norm are L2-normalised first; NaN or Inf
+    raises ValueError naming the rows).
 
     - ``exact``: no index, exact chunked search (:func:`helpers.search.cosine_topk`);
     - ``flat``: FAISS ``IndexFlatIP`` (exact; same results as ``exact``);
@@ -148,7 +167,7 @@ def build_index(
     """
     if kind not in INDEX_CHOICES:
         raise ValueError(f"index must be one of {INDEX_CHOICES}, not {kind!r}")
-    vectors = _as_float32(gallery, "gallery")
+    vectors = _unit_rows(_as_float32(gallery, "gallery"), "gallery")
     n, d = vectors.shape
     requested = kind
     if kind == "auto":
@@ -249,8 +268,9 @@ def load_index(path: str | os.PathLike) -> GalleryIndex:
 def index_search(
     query: np.ndarray, gallery: np.ndarray, k: int = 10, kind: str = "exact", **options: Any
 ) -> tuple[np.ndarray, np.ndarray, GalleryIndex]:
-    """Build an index of ``gallery`` and search ``query`` in it (recall measured on the queries)."""
-    query = l2_normalize(query) if len(query) else _as_float32(query, "query")
+    """Build an index of ``gallery`` and search ``query`` in it by cosine similarity (recall measured on the
+    queries). Neither needs to be L2-normalised."""
+    query = _unit_rows(_as_float32(query, "query"), "query")
     index = build_index(gallery, kind=kind, recall_queries=query if len(query) else None, **options)
     idx, val = index.search(query, k=k)
     return idx, val, index

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from .embedding import l2_normalize
-from .search import check_k, cosine_topk, topk_from_scores
+from .search import check_finite, check_k, cosine_topk, topk_from_scores
 
 logger = logging.getLogger("helpers")
 
@@ -229,6 +229,8 @@ def k_reciprocal(
     g = _as_2d("gallery_emb", gallery_emb)
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"query_emb {q.shape} and gallery_emb {g.shape} must have the same dimension")
+    check_finite(q, what="query")
+    check_finite(g, what="gallery")
     n_query, n_gallery = len(q), len(g)
     if n_query == 0 or n_gallery == 0:
         return np.zeros((n_query, n_gallery), dtype=np.float32)
@@ -406,6 +408,9 @@ def fused_score_topk(
     w = _fusion_weights(len(queries), weights)
     if len(galleries) != len(queries):
         raise ValueError("one gallery embedding array per query embedding array")
+    for q, g in zip(queries, galleries):
+        check_finite(q, what="query")
+        check_finite(g, what="gallery")
     n_query, n_gallery = len(queries[0]), len(galleries[0])
     k_eff = min(k, n_gallery)
     out_idx = np.empty((n_query, k_eff), np.int64)

@@ -5,6 +5,8 @@ Ties are broken deterministically: equal similarities rank the lower gallery ind
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
@@ -22,6 +24,35 @@ def check_k(k: int, name: str = "k") -> int:
     return int(k)
 
 
+def nonfinite_rows(x: np.ndarray) -> np.ndarray:
+    """Indices of the rows of a 2-D array (memory-mapped ones included) holding NaN or Inf, read in blocks."""
+    step = max(1, 4_000_000 // max(1, x.shape[1]))
+    bad = [start + np.nonzero(~np.isfinite(np.asarray(x[start : start + step])).all(axis=1))[0]
+           for start in range(0, len(x), step)]
+    return np.concatenate(bad).astype(np.int64) if bad else np.zeros(0, np.int64)
+
+
+def nonfinite_message(rows: Sequence[int], what: str = "embedding", names: Sequence[str] | None = None) -> str:
+    """The error text for embeddings with NaN or Inf: by name where ``names`` are known, else by row index."""
+    rows = [int(r) for r in rows]
+    shown = [names[r] for r in rows[:5]] if names is not None else rows[:5]
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    label = "" if names is not None else " rows"
+    return (f"{len(rows)} {what} embedding(s) contain NaN or Inf and cannot be ranked:{label} {shown}{more} "
+            f"(re-extract those images or leave them out)")
+
+
+def check_finite(x: np.ndarray, names: Sequence[str] | None = None, what: str = "embedding") -> None:
+    """Raise ValueError naming the rows of ``x`` (by ``names`` when given) that hold NaN or Inf.
+
+    Call it where the names of the images are known (query and gallery embeddings before a search); the search
+    functions below check their inputs too but only know row indices.
+    """
+    rows = nonfinite_rows(x if hasattr(x, "shape") else np.asarray(x))
+    if len(rows):
+        raise ValueError(nonfinite_message(rows, what, names))
+
+
 def _row_exact_topk(scores: np.ndarray, k: int) -> np.ndarray:
     """Top-k of one row by (score descending, index ascending)."""
     order = np.lexsort((np.arange(scores.shape[0]), -scores))
@@ -29,8 +60,18 @@ def _row_exact_topk(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def topk_from_scores(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k indices and scores per row of a (Q, G) score matrix, ties to the lower index."""
+    """Top-k indices and scores per row of a (Q, G) score matrix, ties to the lower index.
+
+    A NaN or Inf score is never ranked: it raises ValueError naming the query rows and gallery columns (an
+    embedding with NaN or Inf behind it)."""
     k = check_k(k)
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):
+        rows, cols = (torch.nonzero(~finite.all(dim=1)).flatten().tolist(),
+                      torch.nonzero(~finite.all(dim=0)).flatten().tolist())
+        raise ValueError(f"similarity scores hold NaN or Inf (query rows {rows[:5]}, gallery columns {cols[:5]}): "
+                         "an embedding with NaN or Inf cannot be ranked")
+    del finite
     n_gallery = scores.shape[1]
     k = min(k, n_gallery)
     probe = min(k + 1, n_gallery)
@@ -74,7 +115,8 @@ def cosine_topk(
     top-k taken at once, then the per-block candidates are merged. Memory stays bounded by chunk_size x block
     scores plus one float32 copy of a block, so float16 or memory-mapped galleries are read block by block, never
     loaded whole. Returns ``(indices, scores)`` of shape (Q, min(k, G)), best first; equal scores rank the lower
-    gallery index first (rows with a tie across a k-th position are redone exactly).
+    gallery index first (rows with a tie across a k-th position are redone exactly). A query or gallery row with
+    NaN or Inf raises ValueError naming its row index (:func:`check_finite` names files where they are known).
     """
     if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
         raise ValueError(f"query {query.shape} and gallery {gallery.shape} must be (n, d) with the same d")
@@ -100,12 +142,15 @@ def cosine_topk(
     cand_idx = torch.empty(chunk_size, len(starts) * k_eff, dtype=torch.int64)
     for q0 in range(0, n_query, chunk_size):
         q = torch.from_numpy(np.ascontiguousarray(query[q0 : q0 + chunk_size], dtype=np.float32))
+        _check_block(q, query, "query")
         n = q.shape[0]
         redo = torch.zeros(n, dtype=torch.bool)
         width = 0
         for b, start in enumerate(starts):
             g = blocks[b] if blocks is not None else torch.from_numpy(
                 np.ascontiguousarray(gallery[start : start + block], dtype=np.float32))
+            if q0 == 0:  # each gallery block is checked once, as it is first read
+                _check_block(g, gallery, "gallery")
             tile = scores[:n, : g.shape[0]]
             torch.mm(q, g.T, out=tile)
             take = min(probe, g.shape[0])
@@ -123,6 +168,12 @@ def cosine_topk(
         out_idx[q0 : q0 + n] = idx
         out_val[q0 : q0 + n] = val
     return out_idx, out_val
+
+
+def _check_block(block: torch.Tensor, whole: np.ndarray, what: str) -> None:
+    """When a block of ``whole`` holds NaN or Inf, a ValueError naming every such row of ``whole``."""
+    if not bool(torch.isfinite(block).all()):
+        raise ValueError(nonfinite_message(nonfinite_rows(whole), what))
 
 
 def _tile_topk(tile: torch.Tensor, take: int, redo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -203,6 +203,15 @@ def test_k_below_one_is_refused_by_every_top_k_function(k):
     assert rerank_topk(query, gallery, k=2.0)[0].shape == (3, 2)  # an integral float is a k
 
 
+def test_nan_embeddings_are_reported_not_ranked_by_rerank_and_fusion():
+    query, gallery = random_embeddings(3, 8, 0), random_embeddings(20, 8, 1)
+    gallery[5, 0] = np.nan
+    with pytest.raises(ValueError, match=r"gallery embedding\(s\) contain NaN or Inf.*\[5\]"):
+        rerank_topk(query, gallery, k=3)
+    with pytest.raises(ValueError, match=r"gallery embedding\(s\) contain NaN or Inf.*\[5\]"):
+        fused_score_topk([query], [gallery], k=3)
+
+
 def test_k_reciprocal_with_a_gallery_smaller_than_k1():
     query, gallery = random_embeddings(4, 8, 0), random_embeddings(6, 8, 1)
     np.testing.assert_allclose(k_reciprocal(query, gallery), dense_reference(query, gallery), atol=1e-5)

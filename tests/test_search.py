@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from helpers.embedding import l2_normalize
-from helpers.search import cosine_topk
+import torch
+
+from helpers.search import check_finite, cosine_topk, topk_from_scores
 
 
 def naive_topk(query: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
@@ -66,3 +68,34 @@ def test_shape_errors_are_clear():
         cosine_topk(np.zeros((2, 3), np.float32), np.zeros((4, 5), np.float32))
     with pytest.raises(ValueError, match="k must be"):
         cosine_topk(np.zeros((2, 3), np.float32), np.zeros((4, 3), np.float32), k=0)
+
+
+def test_nan_and_inf_scores_are_never_ranked():
+    scores = torch.tensor([[0.1, float("nan"), 0.3], [0.5, 0.2, 0.1], [float("inf"), 0.0, 0.2]])
+    with pytest.raises(ValueError, match=r"NaN or Inf \(query rows \[0, 2\], gallery columns \[0, 1\]\)"):
+        topk_from_scores(scores, 2)
+    idx, val = topk_from_scores(scores[1:2], 2)  # finite rows rank as before
+    assert idx.tolist() == [[0, 1]] and val[0].tolist() == pytest.approx([0.5, 0.2])
+
+
+@pytest.mark.parametrize("gallery_chunk", [None, 4])
+def test_embeddings_with_nan_or_inf_are_reported_by_row(gallery_chunk):
+    rng = np.random.default_rng(5)
+    query, gallery = l2_normalize(rng.normal(size=(6, 8))), l2_normalize(rng.normal(size=(20, 8)))
+    broken = gallery.copy()
+    broken[13, 2] = np.nan
+    broken[17, 0] = np.inf
+    with pytest.raises(ValueError, match=r"2 gallery embedding\(s\) contain NaN or Inf .* rows \[13, 17\]"):
+        cosine_topk(query, broken, k=3, gallery_chunk_size=gallery_chunk)
+    bad_query = query.copy()
+    bad_query[4] = -np.inf
+    with pytest.raises(ValueError, match=r"1 query embedding\(s\) contain NaN or Inf .* rows \[4\]"):
+        cosine_topk(bad_query, gallery, k=3, chunk_size=3, gallery_chunk_size=gallery_chunk)
+
+
+def test_check_finite_names_the_files():
+    emb = np.ones((4, 3), np.float32)
+    check_finite(emb, names=["a.jpg", "b.jpg", "c.jpg", "d.jpg"], what="gallery")  # nothing to report
+    emb[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"1 gallery embedding\(s\) contain NaN or Inf .*\['c.jpg'\]"):
+        check_finite(emb, names=["a.jpg", "b.jpg", "c.jpg", "d.jpg"], what="gallery")
