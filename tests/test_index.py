@@ -152,3 +152,22 @@ def test_nan_or_inf_vectors_are_refused_with_their_rows(kind):
     query[1, 0] = np.inf
     with pytest.raises(ValueError, match=r"query embedding\(s\) contain NaN or Inf.*\[1\]"):
         index.search(query, k=5)
+
+
+def test_logged_recall_is_measured_on_held_out_queries(caplog):
+    # A gallery vector searched while in the graph finds itself and its neighbours: a weak HNSW looks good that
+    # way. The default measurement holds its sample out of the index, so it must agree with truly new queries.
+    gallery, fresh = unit(5000, 32, 15), unit(500, 32, 16)
+    with caplog.at_level(logging.INFO, logger="helpers"):
+        default = build_index(gallery, kind="hnsw", hnsw_m=8, ef_search=16)
+    given = build_index(gallery, kind="hnsw", hnsw_m=8, ef_search=16, recall_queries=fresh)
+    exact, _ = cosine_topk(fresh, gallery, k=10)
+    _, approx = given.faiss_index.search(fresh, 10)
+    fresh_recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert given.recall_at_10 == pytest.approx(fresh_recall)
+    assert abs(default.recall_at_10 - fresh_recall) < 0.08, (default.recall_at_10, fresh_recall)
+    assert "500 gallery vectors held out of the index" in caplog.text and "held out" in default.recall_note
+    assert "held-out queries (the queries given)" in given.recall_note
+    # Held out while measuring, then added: every gallery vector is in the index under its own row number.
+    assert default.faiss_index.ntotal == 5000
+    np.testing.assert_array_equal(default.search(gallery[:200], k=1)[0][:, 0], np.arange(200))
