@@ -109,9 +109,15 @@ def _pair_distances(x: np.ndarray, sq: np.ndarray, row_max: np.ndarray, rows: np
     return out
 
 
-def _reciprocal_mask(table: np.ndarray, block: int = 4096) -> np.ndarray:
+#: Elements of one temporary block of the k-reciprocal set computations (rows x neighbours x neighbours): the
+#: blocks of rows are sized from the neighbourhood widths, so memory stays bounded whatever k1 and N.
+_PAIR_BLOCK_ELEMENTS = 250_000
+
+
+def _reciprocal_mask(table: np.ndarray) -> np.ndarray:
     """mask[i, p] = True when i is among the neighbours of its p-th neighbour table[i, p] (same table width)."""
-    n = table.shape[0]
+    n, w = table.shape
+    block = max(1, _PAIR_BLOCK_ELEMENTS // max(1, w * w))
     mask = np.empty(table.shape, dtype=bool)
     for r0 in range(0, n, block):
         t = table[r0 : r0 + block]
@@ -120,11 +126,23 @@ def _reciprocal_mask(table: np.ndarray, block: int = 4096) -> np.ndarray:
     return mask
 
 
-def _expansion_pairs(knn: np.ndarray, k1: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def _row_membership(values: np.ndarray, members: np.ndarray, n: int) -> np.ndarray:
+    """in[i, ...] = values[i, ...] is one of members[i] (members < 0 are no one), per row by binary search over the
+    sorted (row, member) keys: memory of the size of ``values``, not values x members."""
+    offset = (np.arange(len(members), dtype=np.int64) * (n + 1))
+    keys = np.sort((members + 1 + offset[:, None]).ravel())  # absent members become the row's key 0: never probed
+    probe = (values + 1 + offset.reshape((-1,) + (1,) * (values.ndim - 1))).ravel()
+    pos = np.minimum(np.searchsorted(keys, probe), len(keys) - 1)
+    return (keys[pos] == probe).reshape(values.shape)
+
+
+def _expansion_pairs(knn: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]:
     """(row, col) pairs of every image's k-reciprocal expansion set R*(i, k1), without duplicates.
 
     R(i, k1) = the k-reciprocal neighbours among the k1+1 nearest; a candidate c in R(i, k1) adds its own
     R(c, round(k1/2)) when more than 2/3 of that set lies in R(i, k1) (the paper's Eq. 6 as in the authors' code).
+    Rows are processed in blocks of about :data:`_PAIR_BLOCK_ELEMENTS` / ((k1+1) (k1/2+1)), so the temporary
+    arrays stay a few MiB whatever k1 and N.
     """
     n = knn.shape[0]
     a = min(k1 + 1, knn.shape[1])
@@ -134,19 +152,18 @@ def _expansion_pairs(knn: np.ndarray, k1: int, block: int = 1024) -> tuple[np.nd
     recip = _reciprocal_mask(r_full)
     half = _reciprocal_mask(r_half)
     half_size = half.sum(axis=1)
+    block = max(1, _PAIR_BLOCK_ELEMENTS // (a * kh))
     rows_out, cols_out = [], []
     for r0 in range(0, n, block):
         cand = r_full[r0 : r0 + block]  # (b, a)
         cmask = recip[r0 : r0 + block]  # (b, a)
-        b = len(cand)
         hr = r_half[cand]  # (b, a, kh): each candidate's half neighbourhood
         hm = half[cand]  # (b, a, kh): which of them are its half-reciprocal neighbours
-        # Is hr[i, p, q] in R(i, k1)? Compare against the row's reciprocal neighbours (non-members set to -1).
-        members = np.where(cmask, cand, -1)  # (b, a)
-        in_r = (hr[:, :, :, None] == members[:, None, None, :]).any(axis=3)
+        # Is hr[i, p, q] in R(i, k1), the row's reciprocal neighbours (non-members set to -1)?
+        in_r = _row_membership(hr, np.where(cmask, cand, -1), n)
         count = (in_r & hm).sum(axis=2)
         accept = cmask & (count > 2.0 / 3 * half_size[cand])
-        row_ids = np.arange(r0, r0 + b)
+        row_ids = np.arange(r0, r0 + len(cand))
         rows_out.append(np.broadcast_to(row_ids[:, None], cand.shape)[cmask])
         cols_out.append(cand[cmask])
         take = accept[:, :, None] & hm

@@ -111,7 +111,7 @@ def test_k_reciprocal_equals_the_dense_algorithm_on_random_data():
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("k1,k2,lambda_value", [(5, 1, 0.3), (7, 3, 0.0), (20, 6, 0.5), (3, 10, 0.1)])
+@pytest.mark.parametrize("k1,k2,lambda_value", [(5, 1, 0.3), (7, 3, 0.0), (20, 6, 0.5), (3, 10, 0.1), (45, 6, 0.3)])
 def test_k_reciprocal_matches_the_reference_for_other_parameters(k1, k2, lambda_value):
     # Clustered data: many reciprocal neighbours and accepted expansions; odd k1 exercises round(k1 / 2).
     points, _ = clustered(n_clusters=6, per_cluster=15, d=16, seed=3)
@@ -168,6 +168,23 @@ def test_rerank_never_turns_a_correct_top1_into_the_farthest_item():
     np.testing.assert_array_equal(idx[:, 0], order[:, 0])
     assert np.all(np.diff(scores, axis=1) <= 0)  # scores = 1 - distance, best first
     np.testing.assert_allclose(scores, 1 - np.take_along_axis(dist, idx, axis=1), atol=1e-6)
+
+
+def test_expansion_sets_take_bounded_memory_whatever_k1():
+    import tracemalloc
+
+    from helpers.rerank import _expansion_pairs, _original_distances
+
+    x = random_embeddings(1200, 16, 9).astype(np.float64)
+    sq = np.einsum("ij,ij->i", x, x)
+    knn, _, _ = _original_distances(x, sq, 100, 61)
+    tracemalloc.start()
+    rows, cols = _expansion_pairs(knn, 60)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # A (1024, k1+1, k1/2+1, k1+1) boolean block would be 113 MiB at k1=60; the output itself is well under 4 MiB.
+    assert peak < 24 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    assert len(rows) == len(cols) > 1200 and np.all(np.diff(rows * 1200 + cols) > 0)  # sorted, no duplicates
 
 
 def test_k_reciprocal_rejects_bad_input():
