@@ -168,6 +168,14 @@ def test_rerank_never_turns_a_correct_top1_into_the_farthest_item():
     np.testing.assert_array_equal(idx[:, 0], order[:, 0])
     assert np.all(np.diff(scores, axis=1) <= 0)  # scores = 1 - distance, best first
     np.testing.assert_allclose(scores, 1 - np.take_along_axis(dist, idx, axis=1), atol=1e-6)
+    # The Jaccard term is there: most items of other clusters share no k-reciprocal neighbour with the query
+    # (Jaccard distance exactly 1), so their final distance is at least 1 - lambda = 0.7, where the original term
+    # alone stays <= 0.3; the query's own cluster, sharing neighbours, comes out closer than that.
+    other = g_lab[None, :] != q_lab[:, None]
+    assert (dist[other] >= 0.7 - 1e-6).mean() > 0.5
+    assert np.all(dist[np.arange(len(dist)), farthest] >= 0.7 - 1e-6)
+    assert np.all(dist[np.arange(len(dist)), order[:, 0]][correct] < 0.7)
+    np.testing.assert_allclose(dist, dense_reference(query, gallery), atol=1e-5, rtol=0)
 
 
 def test_expansion_sets_take_bounded_memory_whatever_k1():
@@ -264,6 +272,12 @@ def test_query_expansion_matches_the_naive_definition():
                                atol=1e-6)
     np.testing.assert_allclose(alpha_query_expansion(query, gallery, n=4, alpha=3.0),
                                naive_expansion(query, gallery, 4, 3.0), atol=1e-6)
+    # Expanding over the whole gallery reaches negative similarities: alpha-QE gives them weight 0 (max(s, 0)),
+    # average QE weight 1.
+    assert (query @ gallery.T).min() < -0.5
+    for alpha in (0.0, 3.0):
+        np.testing.assert_allclose(alpha_query_expansion(query, gallery, n=40, alpha=alpha),
+                                   naive_expansion(query, gallery, 40, alpha), atol=1e-6)
 
 
 def test_average_qe_on_a_worked_example():
@@ -302,6 +316,13 @@ def test_qe_and_dba_never_turn_a_correct_top1_into_the_farthest_item():
         order, _ = cosine_topk(q, g, k=len(g))
         assert not np.any(order[correct, -1] == plain[correct, 0]), name
         assert (g_lab[order[:, 0]] == q_lab).mean() >= correct.mean(), name
+    # The alpha weights are used: each neighbour weighs max(similarity, 0) ** 3 < 1, not 1 as in average QE, so
+    # the expanded query stays closer to the original one, and both match the definitions.
+    np.testing.assert_allclose(variants["alpha"][0], naive_expansion(query, gallery, 5, 3.0), atol=1e-6)
+    np.testing.assert_allclose(variants["avg"][0], naive_expansion(query, gallery, 5, 0.0), atol=1e-6)
+    np.testing.assert_allclose(variants["dba+alpha"][0], naive_expansion(query, augmented, 5, 3.0), atol=1e-6)
+    closeness = {name: np.einsum("qd,qd->q", variants[name][0], query) for name in ("avg", "alpha")}
+    assert np.all(closeness["alpha"] > closeness["avg"] + 1e-3)
 
 
 # --------------------------------------------------------------------------------------------------------------
