@@ -40,6 +40,26 @@ def test_ties_rank_the_lower_index_first_even_across_the_kth_position():
         np.testing.assert_array_equal(indices, naive_topk(query, gallery, 4))
 
 
+@pytest.mark.parametrize("k", [1, 5, 10])
+@pytest.mark.parametrize("gallery_chunk", [None, 1024])
+def test_two_stage_selection_of_wide_tiles_with_ties_matches_naive_sort(k, gallery_chunk, monkeypatch):
+    # 2,048 rows (>= 64 (k + 1), a multiple of 16): each block is selected in two stages (group maxima first).
+    # 40 distinct vectors repeated all over the gallery: groups tie on their maxima across the selection boundary.
+    import helpers.search as search
+
+    rng = np.random.default_rng(4)
+    base = l2_normalize(rng.normal(size=(40, 16)))
+    gallery = np.concatenate([base[rng.integers(0, 40, size=1536)], l2_normalize(rng.normal(size=(512, 16)))])
+    query = np.concatenate([base[:6], l2_normalize(rng.normal(size=(6, 16)))])
+    two_stage = []
+    amax = torch.amax
+    monkeypatch.setattr(search.torch, "amax", lambda *a, **kw: two_stage.append(1) or amax(*a, **kw))
+    indices, scores = cosine_topk(query, gallery, k=k, gallery_chunk_size=gallery_chunk)
+    assert two_stage, "the two-stage path was not reached"
+    np.testing.assert_array_equal(indices, naive_topk(query, gallery, k))
+    np.testing.assert_allclose(scores, np.take_along_axis(query @ gallery.T, indices, axis=1), atol=1e-6)
+
+
 def test_k_larger_than_gallery_returns_the_whole_gallery():
     rng = np.random.default_rng(2)
     query, gallery = l2_normalize(rng.normal(size=(3, 4))), l2_normalize(rng.normal(size=(5, 4)))
