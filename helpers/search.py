@@ -25,10 +25,17 @@ def check_k(k: int, name: str = "k") -> int:
 
 
 def nonfinite_rows(x: np.ndarray) -> np.ndarray:
-    """Indices of the rows of a 2-D array (memory-mapped ones included) holding NaN or Inf, read in blocks."""
+    """Indices of the rows of a 2-D array (memory-mapped ones included) holding NaN or Inf, read in blocks.
+
+    A row sum is non-finite whenever the row holds NaN or Inf, so one cheap reduction finds the suspects (and rows
+    of huge finite values whose sum overflows) and only those are inspected element by element."""
     step = max(1, 4_000_000 // max(1, x.shape[1]))
-    bad = [start + np.nonzero(~np.isfinite(np.asarray(x[start : start + step])).all(axis=1))[0]
-           for start in range(0, len(x), step)]
+    bad = []
+    for start in range(0, len(x), step):
+        part = np.asarray(x[start : start + step])
+        with np.errstate(over="ignore", invalid="ignore"):
+            suspects = np.nonzero(~np.isfinite(part.sum(axis=1)))[0]
+        bad.append(start + suspects[~np.isfinite(part[suspects]).all(axis=1)])
     return np.concatenate(bad).astype(np.int64) if bad else np.zeros(0, np.int64)
 
 
@@ -46,7 +53,7 @@ def check_finite(x: np.ndarray, names: Sequence[str] | None = None, what: str = 
     """Raise ValueError naming the rows of ``x`` (by ``names`` when given) that hold NaN or Inf.
 
     Call it where the names of the images are known (query and gallery embeddings before a search); the search
-    functions below check their inputs too but only know row indices.
+    functions below refuse NaN and Inf similarities too but only know row indices.
     """
     rows = nonfinite_rows(x if hasattr(x, "shape") else np.asarray(x))
     if len(rows):
@@ -62,22 +69,20 @@ def _row_exact_topk(scores: np.ndarray, k: int) -> np.ndarray:
 def topk_from_scores(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k indices and scores per row of a (Q, G) score matrix, ties to the lower index.
 
-    A NaN or Inf score is never ranked: it raises ValueError naming the query rows and gallery columns (an
-    embedding with NaN or Inf behind it)."""
+    A NaN or Inf score never ranks: one that would reach the top-k (NaN and +Inf sort first) raises ValueError
+    naming the query rows and gallery columns holding NaN or Inf (an embedding with NaN or Inf behind them)."""
     k = check_k(k)
-    finite = torch.isfinite(scores)
-    if not bool(finite.all()):
-        rows, cols = (torch.nonzero(~finite.all(dim=1)).flatten().tolist(),
-                      torch.nonzero(~finite.all(dim=0)).flatten().tolist())
-        raise ValueError(f"similarity scores hold NaN or Inf (query rows {rows[:5]}, gallery columns {cols[:5]}): "
-                         "an embedding with NaN or Inf cannot be ranked")
-    del finite
     n_gallery = scores.shape[1]
     k = min(k, n_gallery)
     probe = min(k + 1, n_gallery)
     values, indices = torch.topk(scores, probe, dim=1, largest=True, sorted=True)
     values_np = values.numpy()
     indices_np = indices.numpy()
+    if not np.isfinite(values_np).all():  # torch.topk ranks NaN and +Inf first: any that would rank shows here
+        rows = nonfinite_rows(scores.numpy())
+        cols = nonfinite_rows(scores.numpy()[rows].T)
+        raise ValueError(f"similarity scores hold NaN or Inf (query rows {rows[:5].tolist()}, gallery columns "
+                         f"{cols[:5].tolist()}): an embedding with NaN or Inf cannot be ranked")
     # Sort the top-k by (score desc, index asc): stable ordering inside the list.
     top_values, top_indices = values_np[:, :k], indices_np[:, :k]
     order = np.lexsort((top_indices, -top_values), axis=1)
@@ -115,8 +120,12 @@ def cosine_topk(
     top-k taken at once, then the per-block candidates are merged. Memory stays bounded by chunk_size x block
     scores plus one float32 copy of a block, so float16 or memory-mapped galleries are read block by block, never
     loaded whole. Returns ``(indices, scores)`` of shape (Q, min(k, G)), best first; equal scores rank the lower
-    gallery index first (rows with a tie across a k-th position are redone exactly). A query or gallery row with
-    NaN or Inf raises ValueError naming its row index (:func:`check_finite` names files where they are known).
+    gallery index first (rows with a tie across a k-th position are redone exactly).
+
+    A NaN or Inf similarity never ranks: NaN and +Inf sort first, so one that would reach a top-k raises ValueError
+    naming the query and gallery rows that hold NaN or Inf (checked on the selected scores only, at no cost to a
+    normal search; a -Inf similarity ranks last and is never selected). :func:`check_finite` names the files where
+    they are known.
     """
     if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
         raise ValueError(f"query {query.shape} and gallery {gallery.shape} must be (n, d) with the same d")
@@ -142,15 +151,12 @@ def cosine_topk(
     cand_idx = torch.empty(chunk_size, len(starts) * k_eff, dtype=torch.int64)
     for q0 in range(0, n_query, chunk_size):
         q = torch.from_numpy(np.ascontiguousarray(query[q0 : q0 + chunk_size], dtype=np.float32))
-        _check_block(q, query, "query")
         n = q.shape[0]
         redo = torch.zeros(n, dtype=torch.bool)
         width = 0
         for b, start in enumerate(starts):
             g = blocks[b] if blocks is not None else torch.from_numpy(
                 np.ascontiguousarray(gallery[start : start + block], dtype=np.float32))
-            if q0 == 0:  # each gallery block is checked once, as it is first read
-                _check_block(g, gallery, "gallery")
             tile = scores[:n, : g.shape[0]]
             torch.mm(q, g.T, out=tile)
             take = min(probe, g.shape[0])
@@ -162,6 +168,8 @@ def cosine_topk(
             cand_idx[:n, width : width + keep] = idx[:, :keep] + start
             width += keep
         idx, val = _merge_candidates(cand_val[:n, :width], cand_idx[:n, :width], k_eff, redo)
+        if not np.isfinite(val).all():  # NaN and +Inf rank first in torch.topk: any that would rank shows here
+            raise ValueError(_nonfinite_search_message(query, gallery))
         rows = np.nonzero(idx[:, 0] < 0)[0]
         if len(rows):
             idx[rows], val[rows] = _exact_rows(query[q0 + rows], gallery, k_eff, block)
@@ -170,10 +178,11 @@ def cosine_topk(
     return out_idx, out_val
 
 
-def _check_block(block: torch.Tensor, whole: np.ndarray, what: str) -> None:
-    """When a block of ``whole`` holds NaN or Inf, a ValueError naming every such row of ``whole``."""
-    if not bool(torch.isfinite(block).all()):
-        raise ValueError(nonfinite_message(nonfinite_rows(whole), what))
+def _nonfinite_search_message(query: np.ndarray, gallery: np.ndarray) -> str:
+    """Why a search met a non-finite similarity: the query and gallery rows with NaN or Inf, else an overflow."""
+    parts = [nonfinite_message(rows, what) for rows, what in ((nonfinite_rows(query), "query"),
+                                                               (nonfinite_rows(gallery), "gallery")) if len(rows)]
+    return "; ".join(parts) or "similarities overflow float32: the embeddings have huge norms (L2-normalise them)"
 
 
 def _tile_topk(tile: torch.Tensor, take: int, redo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,6 +111,14 @@ def test_embeddings_with_nan_or_inf_are_reported_by_row(gallery_chunk):
     bad_query[4] = -np.inf
     with pytest.raises(ValueError, match=r"1 query embedding\(s\) contain NaN or Inf .* rows \[4\]"):
         cosine_topk(bad_query, gallery, k=3, chunk_size=3, gallery_chunk_size=gallery_chunk)
+    # A gallery row whose similarity is -Inf for every query sorts last: it is never selected.
+    last = gallery.copy()
+    last[9] = 0.0
+    last[9, 0] = np.inf
+    positive = np.abs(query)
+    positive[:, 0] *= -1
+    indices, scores = cosine_topk(positive, last, k=19, gallery_chunk_size=gallery_chunk)
+    assert 9 not in indices and np.isfinite(scores).all()
 
 
 def test_check_finite_names_the_files():
