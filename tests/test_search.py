@@ -44,12 +44,14 @@ def test_ties_rank_the_lower_index_first_even_across_the_kth_position():
 @pytest.mark.parametrize("gallery_chunk", [None, 1024])
 def test_two_stage_selection_of_wide_tiles_with_ties_matches_naive_sort(k, gallery_chunk, monkeypatch):
     # 2,048 rows (>= 64 (k + 1), a multiple of 16): each block is selected in two stages (group maxima first).
-    # 40 distinct vectors repeated all over the gallery: groups tie on their maxima across the selection boundary.
+    # 8 vectors repeated 12 times each, spread over the gallery: for the queries equal to them, groups and scores
+    # tie across the selection boundary; the other queries have no ties.
     import helpers.search as search
 
     rng = np.random.default_rng(4)
-    base = l2_normalize(rng.normal(size=(40, 16)))
-    gallery = np.concatenate([base[rng.integers(0, 40, size=1536)], l2_normalize(rng.normal(size=(512, 16)))])
+    base = l2_normalize(rng.normal(size=(8, 16)))
+    gallery = l2_normalize(rng.normal(size=(2048, 16)))
+    gallery[rng.choice(2048, size=96, replace=False)] = np.repeat(base, 12, axis=0)
     query = np.concatenate([base[:6], l2_normalize(rng.normal(size=(6, 16)))])
     two_stage = []
     amax = torch.amax
