@@ -130,19 +130,34 @@ def _order_flat(query, vectors, idx, scores, k):
 
 
 def _recall_at_10(index: GalleryIndex, sample: np.ndarray, exclude: np.ndarray | None = None) -> float:
-    """Mean overlap of the index's top-10 with exact search's for the ``sample`` queries. ``exclude``: sorted
+    """Mean overlap of the index's own top-10 with exact search's for the ``sample`` queries. ``exclude``: sorted
     gallery rows not (yet) in the index (the held-out sample itself), left out of the exact top-10 too."""
     n_excluded = 0 if exclude is None else len(exclude)
     k = min(10, index.size - n_excluded)
     if k < 1 or len(sample) == 0:
         return 1.0
-    exact, _ = cosine_topk(sample, index.vectors, k=min(index.size, k + n_excluded))
-    if n_excluded:  # the exact top-k among the rows in the index: drop the excluded ones, keep the first k
-        keep = ~np.isin(exact, exclude)
-        exact = np.stack([row[mask][:k] for row, mask in zip(exact, keep)])
-    scores, approx = index.faiss_index.search(sample, k)
-    hits = sum(len(set(a) & set(e)) for a, e in zip(approx, exact[:, :k]))
+    _, approx = index.faiss_index.search(sample, k)
+    exact = _exact_topk_without(sample, index.vectors, k, exclude)
+    hits = sum(len(set(a) & set(e)) for a, e in zip(approx, exact))
     return hits / (k * len(sample))
+
+
+def _exact_topk_without(query: np.ndarray, vectors: np.ndarray, k: int, exclude: np.ndarray | None) -> np.ndarray:
+    """Exact top-k indices over the rows of ``vectors`` not in ``exclude``: a few more than k are searched and the
+    excluded ones dropped, widening only for the queries that lost too many."""
+    if exclude is None or len(exclude) == 0:
+        return cosine_topk(query, vectors, k=k)[0]
+    out = np.empty((len(query), k), dtype=np.int64)
+    todo, width = np.arange(len(query)), k + 10
+    while len(todo):
+        width = min(width, len(vectors))
+        found = cosine_topk(query[todo], vectors, k=width)[0]
+        keep = ~np.isin(found, exclude)
+        done = keep.sum(axis=1) >= k
+        for row, cand, mask in zip(todo[done], found[done], keep[done]):
+            out[row] = cand[mask][:k]
+        todo, width = todo[~done], width * 4
+    return out
 
 
 def default_nlist(n: int) -> int:
