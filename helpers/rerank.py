@@ -49,16 +49,14 @@ def _as_2d(name: str, x: np.ndarray) -> np.ndarray:
 
 def _check_params(k1: int, k2: int, lambda_value: float) -> tuple[int, int]:
     """``(k1, k2)`` as ints (integral floats such as ``6.0`` are accepted); a ValueError naming the bad one."""
-    for name, value in (("k1", k1), ("k2", k2)):
-        try:
-            ok = not isinstance(value, (bool, str)) and int(value) == value and value >= 1
-        except (TypeError, ValueError, OverflowError):
-            ok = False
-        if not ok:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not 0.0 <= lambda_value <= 1.0:
-        raise ValueError(f"lambda_value must be between 0 and 1, got {lambda_value}")
-    return int(k1), int(k2)
+    k1, k2 = check_k(k1, "k1"), check_k(k2, "k2")
+    try:
+        ok = not isinstance(lambda_value, (bool, str)) and 0.0 <= float(lambda_value) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"lambda_value must be between 0 and 1, got {lambda_value!r}")
+    return k1, k2
 
 
 def _original_distances(x: np.ndarray, sq: np.ndarray, n_query: int, k: int):
