@@ -23,7 +23,7 @@ import platform
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 import numpy as np
 
@@ -39,16 +39,19 @@ def weighted_score(relevant_flags: list[bool]) -> float:
     return float(sum(points for cutoff, points in WEIGHTED_SCORE_POINTS if any(relevant_flags[:cutoff])))
 
 
-def query_metrics(ranked: list[str], relevant: set[str], k: int = 10) -> dict[str, float]:
+def query_metrics(
+    ranked: list[str], relevant: set[str], k: int = 10, gallery: Collection[str] | None = None
+) -> dict[str, float]:
     """The metrics of one query. ``ranked`` is the submitted list, ``relevant`` its ground truth.
 
+    With ``gallery`` (the gallery's names), a name that is not in it is a miss even when the ground truth lists it.
     A ``k`` other than 1, 5 or 10 adds ``hit@k``.
     """
     cutoff = max(10, k)
     seen: set[str] = set()
     flags: list[bool] = []
     for name in ranked[:cutoff]:
-        flags.append(name in relevant and name not in seen)
+        flags.append(name in relevant and name not in seen and (gallery is None or name in gallery))
         seen.add(name)
     flags += [False] * (cutoff - len(flags))
     n_relevant = len(relevant)
@@ -119,7 +122,8 @@ def evaluate_rankings(
                 outside = [n for n in ranked[:k] if n not in gallery]
                 if outside:
                     problems.append(f"{query}: {len(outside)} name(s) not in the gallery (misses): {outside[:3]}")
-        row = {"query": query, **query_metrics(list(ranked), relevant, k=k), "n_relevant": len(relevant)}
+        row = {"query": query, **query_metrics(list(ranked), relevant, k=k, gallery=gallery),
+               "n_relevant": len(relevant)}
         row["top1"] = ranked[0] if ranked else None
         rows.append(row)
     if missing:

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from .config import RetrievalConfig, run_name_of
 from .data import DataError, RetrievalSet, load_retrieval_set
 from .embedding import EmbeddingCache, extract_embeddings
+from .search import check_finite
 from .metrics import evaluate_rankings, write_metrics
 from .models import EmbeddingModel, load_model, resolve_device
 from .postprocess import RetrievalResults
@@ -108,6 +109,8 @@ def _embed(config: RetrievalConfig, dataset: RetrievalSet, embedders: list[Embed
     if len(gallery.paths) < config.k:
         logger.warning("the gallery has only %d readable images: rankings hold %d names, not %d",
                        len(gallery.paths), len(gallery.paths), config.k)
+    for result, what in [(r, "query") for r in queries] + [(r, "gallery") for r in galleries]:
+        check_finite(result.embeddings, result.names, what)  # a NaN or Inf embedding is named, never ranked
     query_embeddings = [r.embeddings for r in queries]
     if config.text_modifier:
         from .text import compose_query, encode_text

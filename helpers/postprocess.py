@@ -22,14 +22,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .search import check_k
+
 logger = logging.getLogger(__name__)
-
-
-def check_k(k: int) -> int:
-    """``k`` as an int; ``ValueError`` naming ``--k`` when it is not an integer of at least 1."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"--k must be at least 1 (an integer: names ranked per query), got {k!r}")
-    return int(k)
 
 
 @dataclass
@@ -117,7 +112,7 @@ class PostprocessChain:
 
     def run(self, results: RetrievalResults, k: int) -> RetrievalResults:
         """Apply every step; ``ValueError`` for ``k < 1`` and when no step ranked."""
-        k = check_k(k)
+        k = check_k(k, "--k")
         for step in self.steps:
             results = step(results, k)
             results.steps.append(step.describe())

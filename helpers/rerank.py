@@ -22,8 +22,8 @@ import numpy as np
 
 from .config import FUSION_CHOICES, QE_CHOICES, RERANK_CHOICES, RetrievalConfig, postprocess_defaults  # noqa: F401
 from .embedding import l2_normalize
-from .postprocess import PostprocessChain, PostProcessor, RetrievalResults, check_k
-from .search import cosine_topk, topk_from_scores
+from .postprocess import PostprocessChain, PostProcessor, RetrievalResults
+from .search import check_finite, check_k, cosine_topk, topk_from_scores
 
 logger = logging.getLogger("helpers")
 
@@ -45,13 +45,16 @@ def _as_2d(name: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _check_params(k1: int, k2: int, lambda_value: float) -> None:
-    if int(k1) != k1 or k1 < 1:
-        raise ValueError(f"k1 must be a positive integer, got {k1}")
-    if int(k2) != k2 or k2 < 1:
-        raise ValueError(f"k2 must be a positive integer, got {k2}")
-    if not 0.0 <= lambda_value <= 1.0:
-        raise ValueError(f"lambda_value must be between 0 and 1, got {lambda_value}")
+def _check_params(k1: int, k2: int, lambda_value: float) -> tuple[int, int]:
+    """``(k1, k2)`` as ints (integral floats such as ``6.0`` are accepted); a ValueError naming the bad one."""
+    k1, k2 = check_k(k1, "k1"), check_k(k2, "k2")
+    try:
+        ok = not isinstance(lambda_value, (bool, str)) and 0.0 <= float(lambda_value) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"lambda_value must be between 0 and 1, got {lambda_value!r}")
+    return k1, k2
 
 
 def _original_distances(x: np.ndarray, sq: np.ndarray, n_query: int, k: int):
@@ -102,9 +105,15 @@ def _pair_distances(x: np.ndarray, sq: np.ndarray, row_max: np.ndarray, rows: np
     return out
 
 
-def _reciprocal_mask(table: np.ndarray, block: int = 4096) -> np.ndarray:
+#: Elements of one temporary block of the k-reciprocal set computations (rows x neighbours x neighbours): the
+#: blocks of rows are sized from the neighbourhood widths, so memory stays bounded whatever k1 and N.
+_PAIR_BLOCK_ELEMENTS = 250_000
+
+
+def _reciprocal_mask(table: np.ndarray) -> np.ndarray:
     """mask[i, p] = True when i is among the neighbours of its p-th neighbour table[i, p] (same table width)."""
-    n = table.shape[0]
+    n, w = table.shape
+    block = max(1, _PAIR_BLOCK_ELEMENTS // max(1, w * w))
     mask = np.empty(table.shape, dtype=bool)
     for r0 in range(0, n, block):
         t = table[r0 : r0 + block]
@@ -113,11 +122,23 @@ def _reciprocal_mask(table: np.ndarray, block: int = 4096) -> np.ndarray:
     return mask
 
 
-def _expansion_pairs(knn: np.ndarray, k1: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def _row_membership(values: np.ndarray, members: np.ndarray, n: int) -> np.ndarray:
+    """in[i, ...] = values[i, ...] is one of members[i] (members < 0 are no one), per row by binary search over the
+    sorted (row, member) keys: memory of the size of ``values``, not values x members."""
+    offset = (np.arange(len(members), dtype=np.int64) * (n + 1))
+    keys = np.sort((members + 1 + offset[:, None]).ravel())  # absent members become the row's key 0: never probed
+    probe = (values + 1 + offset.reshape((-1,) + (1,) * (values.ndim - 1))).ravel()
+    pos = np.minimum(np.searchsorted(keys, probe), len(keys) - 1)
+    return (keys[pos] == probe).reshape(values.shape)
+
+
+def _expansion_pairs(knn: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]:
     """(row, col) pairs of every image's k-reciprocal expansion set R*(i, k1), without duplicates.
 
     R(i, k1) = the k-reciprocal neighbours among the k1+1 nearest; a candidate c in R(i, k1) adds its own
     R(c, round(k1/2)) when more than 2/3 of that set lies in R(i, k1) (the paper's Eq. 6 as in the authors' code).
+    Rows are processed in blocks of about :data:`_PAIR_BLOCK_ELEMENTS` / ((k1+1) (k1/2+1)), so the temporary
+    arrays stay a few MiB whatever k1 and N.
     """
     n = knn.shape[0]
     a = min(k1 + 1, knn.shape[1])
@@ -127,19 +148,18 @@ def _expansion_pairs(knn: np.ndarray, k1: int, block: int = 1024) -> tuple[np.nd
     recip = _reciprocal_mask(r_full)
     half = _reciprocal_mask(r_half)
     half_size = half.sum(axis=1)
+    block = max(1, _PAIR_BLOCK_ELEMENTS // (a * kh))
     rows_out, cols_out = [], []
     for r0 in range(0, n, block):
         cand = r_full[r0 : r0 + block]  # (b, a)
         cmask = recip[r0 : r0 + block]  # (b, a)
-        b = len(cand)
         hr = r_half[cand]  # (b, a, kh): each candidate's half neighbourhood
         hm = half[cand]  # (b, a, kh): which of them are its half-reciprocal neighbours
-        # Is hr[i, p, q] in R(i, k1)? Compare against the row's reciprocal neighbours (non-members set to -1).
-        members = np.where(cmask, cand, -1)  # (b, a)
-        in_r = (hr[:, :, :, None] == members[:, None, None, :]).any(axis=3)
+        # Is hr[i, p, q] in R(i, k1), the row's reciprocal neighbours (non-members set to -1)?
+        in_r = _row_membership(hr, np.where(cmask, cand, -1), n)
         count = (in_r & hm).sum(axis=2)
         accept = cmask & (count > 2.0 / 3 * half_size[cand])
-        row_ids = np.arange(r0, r0 + b)
+        row_ids = np.arange(r0, r0 + len(cand))
         rows_out.append(np.broadcast_to(row_ids[:, None], cand.shape)[cmask])
         cols_out.append(cand[cmask])
         take = accept[:, :, None] & hm
@@ -217,11 +237,13 @@ def k_reciprocal(
     sort does; the authors' ``np.argsort`` leaves the order of exact ties unspecified, so with duplicate images
     the two can pick different neighbours at the k1+1 boundary.
     """
-    _check_params(k1, k2, lambda_value)
+    k1, k2 = _check_params(k1, k2, lambda_value)
     q = _as_2d("query_emb", query_emb)
     g = _as_2d("gallery_emb", gallery_emb)
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"query_emb {q.shape} and gallery_emb {g.shape} must have the same dimension")
+    check_finite(q, what="query")
+    check_finite(g, what="gallery")
     n_query, n_gallery = len(q), len(g)
     if n_query == 0 or n_gallery == 0:
         return np.zeros((n_query, n_gallery), dtype=np.float32)
@@ -262,6 +284,7 @@ def rerank_topk(
     """
     import torch
 
+    k = check_k(k)
     dist = k_reciprocal(query_emb, gallery_emb, k1=k1, k2=k2, lambda_value=lambda_value)
     if dist.shape[1] == 0:
         return np.zeros((dist.shape[0], 0), np.int64), np.zeros((dist.shape[0], 0), np.float32)
@@ -394,9 +417,13 @@ def fused_score_topk(
     a time (ties to the lower gallery index). Returns (indices, fused scores)."""
     import torch
 
+    k = check_k(k)
     w = _fusion_weights(len(queries), weights)
     if len(galleries) != len(queries):
         raise ValueError("one gallery embedding array per query embedding array")
+    for q, g in zip(queries, galleries):
+        check_finite(q, what="query")
+        check_finite(g, what="gallery")
     n_query, n_gallery = len(queries[0]), len(galleries[0])
     k_eff = min(k, n_gallery)
     out_idx = np.empty((n_query, k_eff), np.int64)
@@ -452,7 +479,8 @@ class ScoreFusion(PostProcessor):
         return {"mode": "score", "weights": self.weights}
 
     def __call__(self, results: RetrievalResults, k: int) -> RetrievalResults:
-        results.ranked(*fused_score_topk(results.queries, results.galleries, k=check_k(k), weights=self.weights))
+        results.ranked(*fused_score_topk(results.queries, results.galleries, k=check_k(k, "--k"),
+                                         weights=self.weights))
         results.info["index"] = "exact"
         return results
 
@@ -498,7 +526,7 @@ class IndexSearch(PostProcessor):
             results.info["index_recall@10"] = built.recall_at_10
         if built.message:
             results.info["index_note"] = built.message
-        results.ranked(*built.search(query, k=check_k(k)))
+        results.ranked(*built.search(query, k=check_k(k, "--k")))
         return results
 
 
@@ -525,7 +553,7 @@ class QueryExpansion(PostProcessor):
         if results.indices is not None:
             search = results.searcher.search if results.searcher is not None else (
                 lambda q, k: cosine_topk(q, gallery, k=k))
-            results.ranked(*search(results.queries[0], k=check_k(k)))
+            results.ranked(*search(results.queries[0], k=check_k(k, "--k")))
         return results
 
 
@@ -548,7 +576,7 @@ class KReciprocalRerank(PostProcessor):
             results.info["index_note"] = (f"k-reciprocal re-ranking computes exact distances: index {self.index!r} "
                                           "is not used")
             logger.warning(results.info["index_note"])
-        results.ranked(*rerank_topk(results.query, results.gallery, k=check_k(k), k1=self.k1, k2=self.k2,
+        results.ranked(*rerank_topk(results.query, results.gallery, k=check_k(k, "--k"), k1=self.k1, k2=self.k2,
                                     lambda_value=self.lambda_value))
         results.info["index"] = "exact"
         return results
@@ -603,7 +631,7 @@ def rank_gallery(
     (index kind, recall). ``ValueError`` for ``k < 1`` or an invalid option."""
     if len(queries) != len(galleries) or not len(queries):
         raise ValueError("give one query and one gallery embedding array per model")
-    check_k(k)
+    check_k(k, "--k")
     config = _options_config(len(queries), k=k, fusion=fusion, fusion_weights=fusion_weights, dba=dba, qe=qe,
                              qe_k=qe_k, qe_alpha=qe_alpha, rerank=rerank, k1=k1, k2=k2, lambda_value=lambda_value,
                              index=index)

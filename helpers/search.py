@@ -5,8 +5,59 @@ Ties are broken deterministically: equal similarities rank the lower gallery ind
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
+
+
+def check_k(k: int, name: str = "k") -> int:
+    """``k`` as an int: integral numbers are accepted (``10.0``), anything else or ``k < 1`` raises ValueError."""
+    try:
+        ok = not isinstance(k, (bool, str)) and int(k) == k
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a whole number, got {k!r}")
+    if k < 1:
+        raise ValueError(f"{name} must be at least 1, got {k}")
+    return int(k)
+
+
+def nonfinite_rows(x: np.ndarray) -> np.ndarray:
+    """Indices of the rows of a 2-D array (memory-mapped ones included) holding NaN or Inf, read in blocks.
+
+    A row sum is non-finite whenever the row holds NaN or Inf, so one cheap reduction finds the suspects (and rows
+    of huge finite values whose sum overflows) and only those are inspected element by element."""
+    step = max(1, 4_000_000 // max(1, x.shape[1]))
+    bad = []
+    for start in range(0, len(x), step):
+        part = np.asarray(x[start : start + step])
+        with np.errstate(over="ignore", invalid="ignore"):
+            suspects = np.nonzero(~np.isfinite(part.sum(axis=1)))[0]
+        bad.append(start + suspects[~np.isfinite(part[suspects]).all(axis=1)])
+    return np.concatenate(bad).astype(np.int64) if bad else np.zeros(0, np.int64)
+
+
+def nonfinite_message(rows: Sequence[int], what: str = "embedding", names: Sequence[str] | None = None) -> str:
+    """The error text for embeddings with NaN or Inf: by name where ``names`` are known, else by row index."""
+    rows = [int(r) for r in rows]
+    shown = [names[r] for r in rows[:5]] if names is not None else rows[:5]
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    label = "" if names is not None else " rows"
+    return (f"{len(rows)} {what} embedding(s) contain NaN or Inf and cannot be ranked:{label} {shown}{more} "
+            f"(re-extract those images or leave them out)")
+
+
+def check_finite(x: np.ndarray, names: Sequence[str] | None = None, what: str = "embedding") -> None:
+    """Raise ValueError naming the rows of ``x`` (by ``names`` when given) that hold NaN or Inf.
+
+    Call it where the names of the images are known (query and gallery embeddings before a search); the search
+    functions below refuse NaN and Inf similarities too but only know row indices.
+    """
+    rows = nonfinite_rows(x if hasattr(x, "shape") else np.asarray(x))
+    if len(rows):
+        raise ValueError(nonfinite_message(rows, what, names))
 
 
 def _row_exact_topk(scores: np.ndarray, k: int) -> np.ndarray:
@@ -16,13 +67,22 @@ def _row_exact_topk(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def topk_from_scores(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k indices and scores per row of a (Q, G) score matrix, ties to the lower index."""
+    """Top-k indices and scores per row of a (Q, G) score matrix, ties to the lower index.
+
+    A NaN or Inf score never ranks: one that would reach the top-k (NaN and +Inf sort first) raises ValueError
+    naming the query rows and gallery columns holding NaN or Inf (an embedding with NaN or Inf behind them)."""
+    k = check_k(k)
     n_gallery = scores.shape[1]
     k = min(k, n_gallery)
     probe = min(k + 1, n_gallery)
     values, indices = torch.topk(scores, probe, dim=1, largest=True, sorted=True)
     values_np = values.numpy()
     indices_np = indices.numpy()
+    if not np.isfinite(values_np).all():  # torch.topk ranks NaN and +Inf first: any that would rank shows here
+        rows = nonfinite_rows(scores.numpy())
+        cols = nonfinite_rows(scores.numpy()[rows].T)
+        raise ValueError(f"similarity scores hold NaN or Inf (query rows {rows[:5].tolist()}, gallery columns "
+                         f"{cols[:5].tolist()}): an embedding with NaN or Inf cannot be ranked")
     # Sort the top-k by (score desc, index asc): stable ordering inside the list.
     top_values, top_indices = values_np[:, :k], indices_np[:, :k]
     order = np.lexsort((top_indices, -top_values), axis=1)
@@ -61,11 +121,15 @@ def cosine_topk(
     scores plus one float32 copy of a block, so float16 or memory-mapped galleries are read block by block, never
     loaded whole. Returns ``(indices, scores)`` of shape (Q, min(k, G)), best first; equal scores rank the lower
     gallery index first (rows with a tie across a k-th position are redone exactly).
+
+    A NaN or Inf similarity never ranks: NaN and +Inf sort first, so one that would reach a top-k raises ValueError
+    naming the query and gallery rows that hold NaN or Inf (checked on the selected scores only, at no cost to a
+    normal search; a -Inf similarity ranks last and is never selected). :func:`check_finite` names the files where
+    they are known.
     """
     if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
         raise ValueError(f"query {query.shape} and gallery {gallery.shape} must be (n, d) with the same d")
-    if k < 1:
-        raise ValueError("k must be at least 1")
+    k = check_k(k)
     n_query, n_gallery = query.shape[0], gallery.shape[0]
     k_eff = min(k, n_gallery)
     out_idx = np.empty((n_query, k_eff), dtype=np.int64)
@@ -104,12 +168,21 @@ def cosine_topk(
             cand_idx[:n, width : width + keep] = idx[:, :keep] + start
             width += keep
         idx, val = _merge_candidates(cand_val[:n, :width], cand_idx[:n, :width], k_eff, redo)
+        if not np.isfinite(val).all():  # NaN and +Inf rank first in torch.topk: any that would rank shows here
+            raise ValueError(_nonfinite_search_message(query, gallery))
         rows = np.nonzero(idx[:, 0] < 0)[0]
         if len(rows):
             idx[rows], val[rows] = _exact_rows(query[q0 + rows], gallery, k_eff, block)
         out_idx[q0 : q0 + n] = idx
         out_val[q0 : q0 + n] = val
     return out_idx, out_val
+
+
+def _nonfinite_search_message(query: np.ndarray, gallery: np.ndarray) -> str:
+    """Why a search met a non-finite similarity: the query and gallery rows with NaN or Inf, else an overflow."""
+    parts = [nonfinite_message(rows, what) for rows, what in ((nonfinite_rows(query), "query"),
+                                                               (nonfinite_rows(gallery), "gallery")) if len(rows)]
+    return "; ".join(parts) or "similarities overflow float32: the embeddings have huge norms (L2-normalise them)"
 
 
 def _tile_topk(tile: torch.Tensor, take: int, redo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

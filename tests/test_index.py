@@ -16,6 +16,14 @@ def unit(n, d, seed):
     return l2_normalize(np.random.default_rng(seed).standard_normal((n, d)))
 
 
+def naive_cosine_topk(query, gallery, k):
+    """Reference: float64 cosine similarities, each row fully sorted by (similarity desc, index asc)."""
+    q = query / np.linalg.norm(query, axis=1, keepdims=True)
+    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    sims = q.astype(np.float64) @ g.astype(np.float64).T
+    return np.array([sorted(range(len(row)), key=lambda j: (-row[j], j))[:k] for row in sims]), sims
+
+
 def test_flat_equals_brute_force():
     query, gallery = unit(50, 32, 0), unit(800, 32, 1)
     expected_idx, expected_val = cosine_topk(query, gallery, k=10)
@@ -59,6 +67,35 @@ def test_every_index_returns_k_valid_distinct_results_for_small_galleries(kind, 
     assert idx.shape == (7, 10)
     assert ((idx >= 0) & (idx < n)).all()
     assert all(len(set(row)) == 10 for row in idx)
+    # At these sizes every kind is exact (HNSW's beam of 128 covers the gallery; IVF falls back to exact search):
+    # the same lists and scores as a full sort of the cosine similarities.
+    expected, sims = naive_cosine_topk(query, gallery, 10)
+    np.testing.assert_array_equal(idx, expected)
+    np.testing.assert_allclose(val, np.take_along_axis(sims, idx, axis=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["exact", "flat", "hnsw", "ivf", "auto"])
+def test_every_kind_ranks_by_cosine_when_the_gallery_is_not_normalised(kind):
+    # By inner product the long vector [10, 10] wins; by cosine [1, 0] is far closer to the query.
+    idx, val, _ = index_search(np.array([[1.0, 0.05]]), np.array([[1.0, 0.0], [10.0, 10.0]]), k=2, kind=kind)
+    assert idx.tolist() == [[0, 1]]
+    np.testing.assert_allclose(val[0], [1 / np.hypot(1, 0.05), 1.05 / np.hypot(1, 0.05) / np.sqrt(2)], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["exact", "flat", "hnsw", "ivf"])
+def test_unnormalised_galleries_and_queries_match_a_naive_cosine_reference(kind):
+    rng = np.random.default_rng(12)
+    scale = rng.uniform(0.05, 20.0, size=(2000, 1))  # norms from 0.05 to 20: inner product would rank by length
+    gallery = rng.standard_normal((2000, 16)) * scale
+    query = rng.standard_normal((40, 16)) * rng.uniform(0.1, 5.0, size=(40, 1))
+    expected, sims = naive_cosine_topk(query, gallery, 10)
+    index = build_index(gallery, kind=kind, nlist=8, nprobe=8, ef_search=256)
+    idx, val = index.search(query, k=10)
+    np.testing.assert_allclose(val, np.take_along_axis(sims, idx, axis=1), atol=1e-5)  # scores are cosines
+    if kind in ("exact", "flat"):
+        np.testing.assert_array_equal(idx, expected)
+    else:  # approximate, all lists probed / a wide beam: nearly every true neighbour is found
+        assert np.mean([len(set(a) & set(e)) / 10 for a, e in zip(idx, expected)]) >= 0.95
 
 
 def test_ivf_on_too_few_vectors_falls_back_to_exact_and_says_so(caplog):
@@ -107,3 +144,35 @@ def test_bad_input_is_explained(tmp_path):
         index.search(unit(2, 5, 1), k=3)
     with pytest.raises(FileNotFoundError, match="no saved index"):
         load_index(tmp_path / "missing.index")
+
+
+@pytest.mark.parametrize("kind", ["exact", "flat", "hnsw"])
+def test_nan_or_inf_vectors_are_refused_with_their_rows(kind):
+    gallery = unit(50, 8, 13)
+    gallery[7, 3] = np.nan
+    with pytest.raises(ValueError, match=r"gallery embedding\(s\) contain NaN or Inf.*\[7\]"):
+        build_index(gallery, kind=kind)
+    index = build_index(unit(50, 8, 13), kind=kind)
+    query = unit(3, 8, 14)
+    query[1, 0] = np.inf
+    with pytest.raises(ValueError, match=r"query embedding\(s\) contain NaN or Inf.*\[1\]"):
+        index.search(query, k=5)
+
+
+def test_logged_recall_is_measured_on_held_out_queries(caplog):
+    # A gallery vector searched while in the graph finds itself and its neighbours: a weak HNSW looks good that
+    # way. The default measurement holds its sample out of the index, so it must agree with truly new queries.
+    gallery, fresh = unit(5000, 32, 15), unit(500, 32, 16)
+    with caplog.at_level(logging.INFO, logger="helpers"):
+        default = build_index(gallery, kind="hnsw", hnsw_m=8, ef_search=16)
+    given = build_index(gallery, kind="hnsw", hnsw_m=8, ef_search=16, recall_queries=fresh)
+    exact, _ = cosine_topk(fresh, gallery, k=10)
+    _, approx = given.faiss_index.search(fresh, 10)
+    fresh_recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert given.recall_at_10 == pytest.approx(fresh_recall)
+    assert abs(default.recall_at_10 - fresh_recall) < 0.08, (default.recall_at_10, fresh_recall)
+    assert "500 gallery vectors held out of the index" in caplog.text and "held out" in default.recall_note
+    assert "held-out queries (the queries given)" in given.recall_note
+    # Held out while measuring, then added: every gallery vector is in the index under its own row number.
+    assert default.faiss_index.ntotal == 5000
+    np.testing.assert_array_equal(default.search(gallery[:200], k=1)[0][:, 0], np.arange(200))

@@ -68,3 +68,18 @@ def test_metrics_record_schema(tmp_path):
     assert record["top_k_accuracy"] == metrics["hit@10"]
     path = write_metrics(tmp_path / "r" / "m.json", record)
     assert json.loads(path.read_text())["runtime_seconds"] == 1.23456789  # unrounded
+
+
+def test_a_name_outside_the_gallery_never_counts_even_when_the_ground_truth_lists_it():
+    # The ground truth says "a" is relevant, but "a" is not in the gallery: the documented rule makes it a miss.
+    result = evaluate_rankings({"q": ["a"]}, {"q": ["a"]}, gallery_names=["b"])
+    assert result.metrics["hit@1"] == 0.0 and result.metrics["weighted_score"] == 0.0
+    assert result.metrics["precision@10"] == 0.0 and result.metrics["map@10"] == 0.0
+    assert any("not in the gallery (misses)" in p for p in result.problems)
+    # Inside the gallery the same submission is a perfect hit; without a gallery list nothing is checked.
+    assert evaluate_rankings({"q": ["a"]}, {"q": ["a"]}, gallery_names=["a", "b"]).metrics["hit@1"] == 1.0
+    assert evaluate_rankings({"q": ["a"]}, {"q": ["a"]}).metrics["hit@1"] == 1.0
+    # A hit after an outside name still counts at its own rank.
+    mixed = evaluate_rankings({"q": ["zzz", "a"]}, {"q": ["a", "zzz"]}, gallery_names=["a", "b"])
+    assert mixed.metrics["hit@1"] == 0.0 and mixed.metrics["hit@5"] == 1.0
+    assert query_metrics(["zzz", "a"], {"a", "zzz"}, gallery={"a"})["precision@10"] == pytest.approx(0.1)

@@ -111,7 +111,7 @@ def test_k_reciprocal_equals_the_dense_algorithm_on_random_data():
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("k1,k2,lambda_value", [(5, 1, 0.3), (7, 3, 0.0), (20, 6, 0.5), (3, 10, 0.1)])
+@pytest.mark.parametrize("k1,k2,lambda_value", [(5, 1, 0.3), (7, 3, 0.0), (20, 6, 0.5), (3, 10, 0.1), (45, 6, 0.3)])
 def test_k_reciprocal_matches_the_reference_for_other_parameters(k1, k2, lambda_value):
     # Clustered data: many reciprocal neighbours and accepted expansions; odd k1 exercises round(k1 / 2).
     points, _ = clustered(n_clusters=6, per_cluster=15, d=16, seed=3)
@@ -168,16 +168,74 @@ def test_rerank_never_turns_a_correct_top1_into_the_farthest_item():
     np.testing.assert_array_equal(idx[:, 0], order[:, 0])
     assert np.all(np.diff(scores, axis=1) <= 0)  # scores = 1 - distance, best first
     np.testing.assert_allclose(scores, 1 - np.take_along_axis(dist, idx, axis=1), atol=1e-6)
+    # The Jaccard term is there: most items of other clusters share no k-reciprocal neighbour with the query
+    # (Jaccard distance exactly 1), so their final distance is at least 1 - lambda = 0.7, where the original term
+    # alone stays <= 0.3; the query's own cluster, sharing neighbours, comes out closer than that.
+    other = g_lab[None, :] != q_lab[:, None]
+    assert (dist[other] >= 0.7 - 1e-6).mean() > 0.5
+    assert np.all(dist[np.arange(len(dist)), farthest] >= 0.7 - 1e-6)
+    assert np.all(dist[np.arange(len(dist)), order[:, 0]][correct] < 0.7)
+    np.testing.assert_allclose(dist, dense_reference(query, gallery), atol=1e-5, rtol=0)
+
+
+def test_expansion_sets_take_bounded_memory_whatever_k1():
+    import tracemalloc
+
+    from helpers.rerank import _expansion_pairs, _original_distances
+
+    x = random_embeddings(1200, 16, 9).astype(np.float64)
+    sq = np.einsum("ij,ij->i", x, x)
+    knn, _, _ = _original_distances(x, sq, 100, 61)
+    tracemalloc.start()
+    rows, cols = _expansion_pairs(knn, 60)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # A (1024, k1+1, k1/2+1, k1+1) boolean block would be 113 MiB at k1=60; the output itself is well under 4 MiB.
+    assert peak < 24 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    assert len(rows) == len(cols) > 1200 and np.all(np.diff(rows * 1200 + cols) > 0)  # sorted, no duplicates
 
 
 def test_k_reciprocal_rejects_bad_input():
     q = random_embeddings(3, 8, 0)
     with pytest.raises(ValueError, match="same dimension"):
         k_reciprocal(q, random_embeddings(5, 4, 1))
-    with pytest.raises(ValueError, match="lambda_value"):
-        k_reciprocal(q, q, lambda_value=2.0)
+    for bad in (2.0, -0.1, float("nan"), "0.3", None):
+        with pytest.raises(ValueError, match="lambda_value must be between 0 and 1"):
+            k_reciprocal(q, q, lambda_value=bad)
     with pytest.raises(ValueError, match="k1"):
         k_reciprocal(q, q, k1=0)
+
+
+def test_integral_float_parameters_equal_their_int_and_others_are_refused_by_name():
+    query, gallery = random_embeddings(5, 8, 0), random_embeddings(30, 8, 1)
+    expected = k_reciprocal(query, gallery, k1=7, k2=6)
+    np.testing.assert_array_equal(k_reciprocal(query, gallery, k1=7.0, k2=6.0), expected)
+    for bad in (6.5, float("nan"), float("inf"), "6", True, None, 0, -2):
+        with pytest.raises(ValueError, match="k2 must be (a whole number|at least 1)"):
+            k_reciprocal(query, gallery, k2=bad)
+        with pytest.raises(ValueError, match="k1 must be (a whole number|at least 1)"):
+            k_reciprocal(query, gallery, k1=bad)
+
+
+@pytest.mark.parametrize("k", [0, -1])
+def test_k_below_one_is_refused_by_every_top_k_function(k):
+    query, gallery = random_embeddings(3, 8, 0), random_embeddings(20, 8, 1)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        rerank_topk(query, gallery, k=k)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        fused_score_topk([query], [gallery], k=k)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        cosine_topk(query, gallery, k=k)
+    assert rerank_topk(query, gallery, k=2.0)[0].shape == (3, 2)  # an integral float is a k
+
+
+def test_nan_embeddings_are_reported_not_ranked_by_rerank_and_fusion():
+    query, gallery = random_embeddings(3, 8, 0), random_embeddings(20, 8, 1)
+    gallery[5, 0] = np.nan
+    with pytest.raises(ValueError, match=r"gallery embedding\(s\) contain NaN or Inf.*\[5\]"):
+        rerank_topk(query, gallery, k=3)
+    with pytest.raises(ValueError, match=r"gallery embedding\(s\) contain NaN or Inf.*\[5\]"):
+        fused_score_topk([query], [gallery], k=3)
 
 
 def test_k_reciprocal_with_a_gallery_smaller_than_k1():
@@ -215,6 +273,12 @@ def test_query_expansion_matches_the_naive_definition():
                                atol=1e-6)
     np.testing.assert_allclose(alpha_query_expansion(query, gallery, n=4, alpha=3.0),
                                naive_expansion(query, gallery, 4, 3.0), atol=1e-6)
+    # Expanding over the whole gallery reaches negative similarities: alpha-QE gives them weight 0 (max(s, 0)),
+    # average QE weight 1.
+    assert (query @ gallery.T).min() < -0.5
+    for alpha in (0.0, 3.0):
+        np.testing.assert_allclose(alpha_query_expansion(query, gallery, n=40, alpha=alpha),
+                                   naive_expansion(query, gallery, 40, alpha), atol=1e-6)
 
 
 def test_average_qe_on_a_worked_example():
@@ -253,6 +317,13 @@ def test_qe_and_dba_never_turn_a_correct_top1_into_the_farthest_item():
         order, _ = cosine_topk(q, g, k=len(g))
         assert not np.any(order[correct, -1] == plain[correct, 0]), name
         assert (g_lab[order[:, 0]] == q_lab).mean() >= correct.mean(), name
+    # The alpha weights are used: each neighbour weighs max(similarity, 0) ** 3 < 1, not 1 as in average QE, so
+    # the expanded query stays closer to the original one, and both match the definitions.
+    np.testing.assert_allclose(variants["alpha"][0], naive_expansion(query, gallery, 5, 3.0), atol=1e-6)
+    np.testing.assert_allclose(variants["avg"][0], naive_expansion(query, gallery, 5, 0.0), atol=1e-6)
+    np.testing.assert_allclose(variants["dba+alpha"][0], naive_expansion(query, augmented, 5, 3.0), atol=1e-6)
+    closeness = {name: np.einsum("qd,qd->q", variants[name][0], query) for name in ("avg", "alpha")}
+    assert np.all(closeness["alpha"] > closeness["avg"] + 1e-3)
 
 
 # --------------------------------------------------------------------------------------------------------------
