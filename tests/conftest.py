@@ -1,14 +1,55 @@
-"""Shared fixtures: the real image datasets next to the checkout, small splits of them, isolated output folders."""
+"""Shared fixtures: the real image datasets next to the checkout, small splits of them, isolated output folders.
+
+The test run never writes into the project's own output folders: notebooks run by nbval write under a temporary
+``$RETRIEVAL_OUTPUT_DIR`` (set here, before any kernel starts), and at the end of the session a check fails the run
+if any file appeared or changed in ``results/``, ``submissions/``, ``visualizations/``, ``runs/`` or ``data/``.
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(os.environ.get("RETRIEVAL_SHARED_DATASETS", ROOT.parent / "shared" / "datasets"))
+#: The project's folders no test may write to.
+GUARDED_FOLDERS = ("results", "submissions", "visualizations", "runs", "data")
+
+
+def project_files(root: Path = ROOT, folders: tuple[str, ...] = GUARDED_FOLDERS) -> dict[str, tuple[int, int]]:
+    """``{relative path: (size, mtime_ns)}`` of every file under ``root/<folder>`` for each of ``folders``."""
+    found = {}
+    for folder in folders:
+        for path in (root / folder).rglob("*"):
+            if path.is_file():
+                stat = path.stat()
+                found[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def written_files(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+    """Files of ``after`` that are new or changed since ``before``."""
+    return sorted(name for name, stamp in after.items() if before.get(name) != stamp)
+
+
+# Set at import, i.e. at collection, before nbval starts any notebook kernel (kernels inherit the environment).
+os.environ["RETRIEVAL_OUTPUT_DIR"] = tempfile.mkdtemp(prefix="retrieval-test-outputs-")
+_PROJECT_FILES_BEFORE = project_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when a test or notebook wrote into the project's own output or data folders."""
+    written = written_files(_PROJECT_FILES_BEFORE, project_files())
+    if written:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = (f"the test run wrote {len(written)} file(s) into the project's output folders (tests must use "
+                   f"tmp_path, notebooks $RETRIEVAL_OUTPUT_DIR): {', '.join(written[:10])}")
+        if reporter is not None:
+            reporter.write_line(f"ERROR: {message}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def shared_dataset(name: str) -> Path:
