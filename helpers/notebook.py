@@ -191,13 +191,13 @@ def notebook_data(fast: bool, data_dir: str | os.PathLike = "data", source: str 
 
 def class_names(data: str | os.PathLike) -> list[str]:
     """The classes of a dataset: those of ``test/labels.json``, else the ``training/`` folder names (sorted)."""
-    from .data import load_retrieval_set
+    from .data import class_folders, load_retrieval_set
 
     dataset = load_retrieval_set(data)
     if dataset.labels:
         return sorted(set(dataset.labels.get("gallery", {}).values()) | set(dataset.labels.get("query", {}).values()))
     if dataset.training_dir is not None:
-        return sorted(d.name for d in dataset.training_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+        return [folder.name for folder in class_folders(dataset.training_dir)]
     return []
 
 

@@ -87,6 +87,56 @@ def tiny_split(tmp_path_factory) -> Path:
     return out
 
 
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def draw_class_folders(root: Path, classes: tuple[str, ...] = SHAPES, per_class: int = 12, size: int = 96,
+                       seed: int = 0) -> Path:
+    """``root/<class>/<NNN>.png``: one drawn shape per class (random colour, position, size and background noise),
+    the same file names in every class folder. For tests where real photos are not essential."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for shape in classes:
+        (root / shape).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            noise = rng.integers(150, 256, size=(size, size, 3), dtype=np.uint8)
+            image = Image.fromarray(noise)
+            draw = ImageDraw.Draw(image)
+            r = int(rng.integers(size // 5, size // 3))
+            cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
+            colour = tuple(int(v) for v in rng.integers(0, 120, size=3))
+            box = (cx - r, cy - r, cx + r, cy + r)
+            if shape == "circle":
+                draw.ellipse(box, fill=colour)
+            elif shape == "square":
+                draw.rectangle(box, fill=colour)
+            elif shape == "triangle":
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+            else:
+                draw.rectangle((cx - r, cy - r // 4, cx + r, cy + r // 4), fill=colour)
+                draw.rectangle((cx - r // 4, cy - r, cx + r // 4, cy + r), fill=colour)
+            image.save(root / shape / f"{index:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """Drawn class folders (:func:`draw_class_folders`): 4 classes x 12 images, basenames repeated across classes."""
+    return draw_class_folders(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="session")
+def shapes_split(tmp_path_factory, shapes) -> Path:
+    """The drawn shapes in the competition layout: 4 classes x (2 query, 6 gallery, 4 training)."""
+    from helpers.data import split_dataset
+
+    out = tmp_path_factory.mktemp("shapes_split")
+    split_dataset(shapes, out, train_per_class=4, query_per_class=2, gallery_per_class=6, seed=0)
+    return out
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The embedded digits demo dataset (always available: it ships inside scikit-learn)."""
