@@ -333,7 +333,7 @@ def plot_side_by_side(
     :func:`helpers.viz.plot_retrieval_grid`.
     """
     from .data import load_retrieval_set
-    from .viz import pick_queries, plot_retrieval_grid
+    from .viz import layout_with_legend, pick_queries, plot_retrieval_grid
 
     if not rankings:
         raise ValueError("give at least one run to plot")
@@ -357,7 +357,7 @@ def plot_side_by_side(
     labels = _row_labels(list(rankings))
     for index, (_, name) in enumerate(rows):
         fig.axes[index * n_cols].set_ylabel(labels[name], fontsize=7, rotation=0, ha="right", va="center")
-    fig.tight_layout()
+    layout_with_legend(fig)
     return fig
 
 

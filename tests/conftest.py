@@ -87,37 +87,46 @@ def tiny_split(tmp_path_factory) -> Path:
     return out
 
 
-SHAPES = ("circle", "square", "triangle", "cross")
+#: Drawn classes: five shapes, each in warm and in cool colours.
+SHAPE_CLASSES = tuple(f"{shape}-{palette}" for shape in ("circle", "square", "triangle", "cross", "ring")
+                      for palette in ("warm", "cool"))
 
 
-def draw_class_folders(root: Path, classes: tuple[str, ...] = SHAPES, per_class: int = 12, size: int = 96,
-                       seed: int = 0) -> Path:
-    """``root/<class>/<NNN>.png``: one drawn shape per class (random colour, position, size and background noise),
-    the same file names in every class folder. For tests where real photos are not essential."""
+def _draw_shape(draw, shape: str, cx: int, cy: int, r: int, colour: tuple) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    elif shape == "cross":
+        draw.rectangle((cx - r, cy - r // 4, cx + r, cy + r // 4), fill=colour)
+        draw.rectangle((cx - r // 4, cy - r, cx + r // 4, cy + r), fill=colour)
+    else:
+        draw.ellipse(box, outline=colour, width=max(2, r // 3))
+
+
+def draw_class_folders(root: Path, classes: tuple[str, ...] = SHAPE_CLASSES[:4], per_class: int = 12,
+                       size: int = 96, seed: int = 0) -> Path:
+    """``root/<class>/<NNN>.png``: per class one drawn shape (random size and position) in warm or cool colours on
+    a noisy light background, the same file names in every class folder. For tests where real photos are not
+    essential."""
     import numpy as np
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
-    for shape in classes:
-        (root / shape).mkdir(parents=True, exist_ok=True)
+    for name in classes:
+        shape, palette = name.split("-")
+        (root / name).mkdir(parents=True, exist_ok=True)
         for index in range(per_class):
-            noise = rng.integers(150, 256, size=(size, size, 3), dtype=np.uint8)
-            image = Image.fromarray(noise)
-            draw = ImageDraw.Draw(image)
+            image = Image.fromarray(rng.integers(170, 256, size=(size, size, 3), dtype=np.uint8))
             r = int(rng.integers(size // 5, size // 3))
             cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
-            colour = tuple(int(v) for v in rng.integers(0, 120, size=3))
-            box = (cx - r, cy - r, cx + r, cy + r)
-            if shape == "circle":
-                draw.ellipse(box, fill=colour)
-            elif shape == "square":
-                draw.rectangle(box, fill=colour)
-            elif shape == "triangle":
-                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
-            else:
-                draw.rectangle((cx - r, cy - r // 4, cx + r, cy + r // 4), fill=colour)
-                draw.rectangle((cx - r // 4, cy - r, cx + r // 4, cy + r), fill=colour)
-            image.save(root / shape / f"{index:03d}.png")
+            low, high = rng.integers(0, 90, size=2), int(rng.integers(160, 256))
+            colour = (high, int(low[0]), int(low[1])) if palette == "warm" else (int(low[0]), int(low[1]), high)
+            _draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, colour)
+            image.save(root / name / f"{index:03d}.png")
     return root
 
 
@@ -125,6 +134,18 @@ def draw_class_folders(root: Path, classes: tuple[str, ...] = SHAPES, per_class:
 def shapes(tmp_path_factory) -> Path:
     """Drawn class folders (:func:`draw_class_folders`): 4 classes x 12 images, basenames repeated across classes."""
     return draw_class_folders(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="session")
+def drawn_split(tmp_path_factory) -> Path:
+    """Ten drawn classes (:data:`SHAPE_CLASSES`) in the competition layout, the size of ``tiny_split``: 10 classes x
+    (2 query, 4 gallery, 4 training); query and gallery names are ``<class>_<NNN>.png``."""
+    from helpers.data import split_dataset
+
+    source = draw_class_folders(tmp_path_factory.mktemp("drawn_classes"), SHAPE_CLASSES, per_class=10)
+    out = tmp_path_factory.mktemp("drawn_split")
+    split_dataset(source, out, train_per_class=4, query_per_class=2, gallery_per_class=4, seed=0)
+    return out
 
 
 @pytest.fixture(scope="session")

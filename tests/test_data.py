@@ -70,7 +70,7 @@ def messy_folder(tmp_path_factory, photo):
 
 
 def test_listing_ignores_hidden_and_matches_extensions_case_insensitively(tmp_path, shapes):
-    drawn = Image.open(shapes / "square" / "000.png")
+    drawn = Image.open(shapes / "square-warm" / "000.png")
     for name in ("plain photo é.JPG", "scan.tiff", "lossless.webp", "bitmap.bmp"):
         drawn.save(tmp_path / name)
     (tmp_path / ".DS_Store").write_bytes(b"\x00\x01")
@@ -209,7 +209,7 @@ def _awkward_folder(folder, image_source):
 
 @pytest.fixture
 def drawn_image(shapes):
-    return shapes / "circle" / "000.png"
+    return shapes / "circle-warm" / "000.png"
 
 
 def test_scan_reports_undecodable_names_image_named_folders_links_and_fifos(tmp_path, drawn_image):
