@@ -48,6 +48,7 @@ def pytest_sessionfinish(session, exitstatus):
         message = (f"the test run wrote {len(written)} file(s) into the project's output folders (tests must use "
                    f"tmp_path, notebooks $RETRIEVAL_OUTPUT_DIR): {', '.join(written[:10])}")
         if reporter is not None:
+            reporter.ensure_newline()
             reporter.write_line(f"ERROR: {message}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
