@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import shutil
 import textwrap
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models import ModelSpec
 
 
 def add_data(parser: argparse.ArgumentParser, default: str = "data", help_text: str | None = None) -> None:
@@ -54,7 +57,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def model_table(specs, pass_through: Sequence[str] = (), width: int | None = None) -> list[str]:
+def model_table(specs: Sequence["ModelSpec"], pass_through: Sequence[str] = (), width: int | None = None) -> list[str]:
     """The lines of ``models``: one line of columns per model, its description wrapped and indented below, every
     line at most ``width`` characters (default: the terminal's width, 80 when it is unknown)."""
     width = width or shutil.get_terminal_size((80, 24)).columns
