@@ -11,9 +11,11 @@ Competition layout::
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import stat
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,30 +64,124 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(path) and path.is_file()
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name. Raises :class:`DataError` if it is missing."""
+def printable_name(path: str | os.PathLike) -> str:
+    """``path`` as text that can always be printed and written to JSON: bytes of a file name that are not valid
+    UTF-8 become ``\\xNN`` escapes (``caf\\xe9.jpg``)."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
+def _is_valid_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of the file name, kept by Python as lone surrogates
+        return False
+    return True
+
+
+@dataclass
+class FolderListing:
+    """What :func:`scan_folder` found in one folder."""
+
+    images: list[Path] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _entry_kind(entry: os.DirEntry) -> tuple[str, str]:
+    """``(kind, reason)``: kind ``file``, ``dir`` or ``other``; reason set for what cannot be used."""
+    try:
+        mode = entry.stat().st_mode  # follows symbolic links
+    except OSError as exc:
+        if entry.is_symlink():
+            loop = exc.errno == errno.ELOOP
+            return "other", "symbolic link loop" if loop else "broken symbolic link (its target is missing)"
+        return "other", f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return "file", ""
+    if stat.S_ISDIR(mode):
+        return "dir", ""
+    kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+    return "other", f"not a regular file (a {kind})"
+
+
+def scan_folder(folder: str | os.PathLike) -> FolderListing:
+    """The one listing of image folders: image files and class folders directly inside ``folder``, sorted by name.
+
+    Hidden entries (``.DS_Store``, ``._x.jpg``, ``.git``) and files without an image extension are ignored. Entries
+    that look like images or folders but cannot be used are listed in ``skipped`` with the reason: a name that is
+    not valid UTF-8 (it could not be written to a submission), a folder named like an image, a symbolic link loop
+    or a broken link, a FIFO, socket or device. Raises :class:`DataError` if ``folder`` is missing.
+    """
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"folder not found: {folder}")
-    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+        raise DataError(f"folder not found: {printable_name(folder)}")
+    listing = FolderListing()
+    with os.scandir(folder) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            path = folder / entry.name
+            if entry.name.startswith("."):
+                continue
+            kind, reason = _entry_kind(entry)
+            imagelike = path.suffix.lower() in IMAGE_EXTENSIONS
+            if not imagelike and kind != "dir":
+                continue
+            if not reason and not _is_valid_utf8(entry.name):
+                reason = "name is not valid UTF-8 (rename it)"
+            if not reason and kind == "dir" and imagelike:
+                reason = "a folder named like an image"
+            if reason:
+                listing.skipped.append((path, reason))
+            elif kind == "dir":
+                listing.folders.append(path)
+            elif kind == "file":
+                listing.images.append(path)
+    return listing
+
+
+def report_unlisted(skipped: Sequence[tuple[Path, str]]) -> None:
+    """Log each entry :func:`scan_folder` could not use, with its reason."""
+    for path, reason in skipped:
+        logger.warning("skipped %s: %s", printable_name(path), reason)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name (:func:`scan_folder`; what cannot be used is logged
+    with its reason). Raises :class:`DataError` if ``folder`` is missing."""
+    listing = scan_folder(folder)
+    report_unlisted(listing.skipped)
+    return listing.images
+
+
+def class_folders(root: str | os.PathLike) -> list[Path]:
+    """The visible subfolders of ``root`` (the classes of a class-folder dataset), sorted by name; what cannot be
+    used is logged. Raises :class:`DataError` if ``root`` is missing."""
+    listing = scan_folder(root)
+    report_unlisted(listing.skipped)
+    return listing.folders
 
 
 def list_class_folder(root: str | os.PathLike) -> list[tuple[Path, str]]:
     """``(path, class name)`` for every image of ``root/<class>/*``, classes and files sorted by name.
 
-    Empty class folders are skipped with a warning; a root without any image is a :class:`DataError`.
+    Empty class folders are skipped with a warning; a root without any image is a :class:`DataError` (a flat
+    folder of images gets the expected layout and the ``split`` it needs).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"class folder dataset not found: {root}")
     items: list[tuple[Path, str]] = []
-    for class_dir in sorted((d for d in root.iterdir() if d.is_dir() and not is_hidden(d)), key=lambda d: d.name):
+    for class_dir in class_folders(root):
         files = list_images(class_dir)
         if not files:
             logger.warning("class folder %s holds no image; skipped", class_dir)
         items.extend((f, class_dir.name) for f in files)
     if not items:
-        raise DataError(f"no images found in class folders under {root} (expected {root}/<class>/<image>)")
+        hint = f"expected {root}/<class>/<image>, e.g. {root}/cat/001.jpg and {root}/dog/002.jpg"
+        if scan_folder(root).images:
+            hint = (f"{root} is a flat folder of images without classes; {hint}. To rank your own query and gallery "
+                    f"images instead, put them in DIR/test/query/ and DIR/test/gallery/ and run "
+                    f"`python -m helpers retrieve --data DIR`")
+        raise DataError(f"no images found in class folders under {root} ({hint})")
     return items
 
 
@@ -195,6 +291,8 @@ class RetrievalSet:
     ground_truth: dict[str, list[str]] | None = None
     labels: dict[str, dict[str, str]] | None = None
     training_dir: Path | None = None
+    #: Query and gallery entries left out when listing, with the reason (:func:`scan_folder`).
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def query_names(self) -> list[str]:
@@ -217,6 +315,27 @@ def _find_test_dir(root: Path) -> Path:
     return root / "test"
 
 
+def _layout_hint(root: Path) -> str:
+    """The next step for a ``--data`` folder that is not in the retrieval layout ('' when there is none to give)."""
+    demo = root / "demo"
+    if (demo / "test" / "query").is_dir():
+        return f". `python -m helpers demo` built {demo}: try `python -m helpers retrieve --data {demo}`"
+    try:
+        listing = scan_folder(root)
+    except DataError:
+        return ""
+    if listing.images:
+        return (f". {root} is a flat folder of images: put the queries in {root}/test/query/ and the gallery in "
+                f"{root}/test/gallery/ (e.g. {root}/test/query/q1.jpg, {root}/test/gallery/g1.jpg); labeled images "
+                "sorted into class folders (CLASS_DIR/cat/001.jpg) are split into that layout by "
+                "`python -m helpers split --source CLASS_DIR --out data/mine`")
+    classes = [f for f in listing.folders if f.name not in ("test", "training", "query", "gallery")]
+    if classes and any(scan_folder(f).images for f in classes[:3]):
+        return (f". {root} looks like class folders ({root}/<class>/<image>): "
+                f"`python -m helpers split --source {root} --out data/mine` builds the retrieval layout from them")
+    return ""
+
+
 def load_retrieval_set(root: str | os.PathLike = DEFAULT_DATA_DIR) -> RetrievalSet:
     """Read ``root/test/query`` and ``root/test/gallery`` (``root`` may also be the ``test`` folder itself).
 
@@ -232,8 +351,12 @@ def load_retrieval_set(root: str | os.PathLike = DEFAULT_DATA_DIR) -> RetrievalS
     query_dir, gallery_dir = test_dir / "query", test_dir / "gallery"
     for kind, folder in (("query", query_dir), ("gallery", gallery_dir)):
         if not folder.is_dir():
-            raise DataError(f"{kind} folder not found: {folder} (expected layout: DIR/test/query/*, DIR/test/gallery/*)")
-    query_paths, gallery_paths = list_images(query_dir), list_images(gallery_dir)
+            raise DataError(f"{kind} folder not found: {folder} (expected layout: DIR/test/query/*, "
+                            f"DIR/test/gallery/*){_layout_hint(root)}")
+    query_listing, gallery_listing = scan_folder(query_dir), scan_folder(gallery_dir)
+    skipped = query_listing.skipped + gallery_listing.skipped
+    report_unlisted(skipped)
+    query_paths, gallery_paths = query_listing.images, gallery_listing.images
     for kind, folder, paths in (("query", query_dir, query_paths), ("gallery", gallery_dir, gallery_paths)):
         if not paths:
             raise DataError(
@@ -244,7 +367,8 @@ def load_retrieval_set(root: str | os.PathLike = DEFAULT_DATA_DIR) -> RetrievalS
     labels_path = test_dir / "labels.json"
     labels = read_json(labels_path) if labels_path.exists() else None
     training_dir = root / "training" if (root / "training").is_dir() else None
-    return RetrievalSet(root, query_dir, gallery_dir, query_paths, gallery_paths, ground_truth, labels, training_dir)
+    return RetrievalSet(root, query_dir, gallery_dir, query_paths, gallery_paths, ground_truth, labels, training_dir,
+                        skipped)
 
 
 def load_ground_truth(path: str | os.PathLike) -> dict[str, list[str]]:

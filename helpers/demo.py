@@ -87,3 +87,16 @@ def run_demo(
     run = run_retrieval(data, model=model, weights=weights, device=device, progress=progress, run_name=f"demo_{model}")
     outputs = save_run(run, grid_out=VISUALIZATIONS_DIR / f"demo_{model}.png", grid_queries=6)
     return DemoOutputs(data, outputs.submission, outputs.metrics, outputs.grid, run.metrics)
+
+
+def next_steps() -> list[str]:
+    """The commands to run next on one's own data (printed at the end of ``python -m helpers demo``)."""
+    return [
+        "next, on your own data:",
+        "  labeled photos in class folders (CLASS_DIR/<class>/<image>):",
+        "    python -m helpers split --source CLASS_DIR --out data/mine",
+        "    python -m helpers retrieve --data data/mine",
+        "  your own queries and gallery: put them in data/test/query/ and",
+        "  data/test/gallery/, then",
+        "    python -m helpers retrieve",
+    ]

@@ -2,8 +2,9 @@
 
 - :func:`fast_mode`: the ``RETRIEVAL_FAST`` switch (``1`` fast, ``0`` full; unset: fast without a GPU);
 - :func:`choose_device`, :func:`in_colab`, :func:`colab_setup` (clone + install, never reinstalling torch);
-- :func:`project_root` and :func:`output_paths`: outputs go to ``<root>/submissions``, ``results`` and
-  ``visualizations`` whatever the kernel's working folder;
+- :func:`output_root` and :func:`output_paths`: outputs go to ``<root>/submissions``, ``results``,
+  ``visualizations`` and ``runs``, where ``root`` is ``$RETRIEVAL_OUTPUT_DIR``, else (fast mode) a folder of its own,
+  else the project root, whatever the kernel's working folder (:mod:`helpers.settings`);
 - :func:`notebook_data`: a small real split of ``../shared/datasets`` (else the embedded demo) in fast mode, the
   user's folder in full mode;
 - :func:`save_outputs`, :func:`metrics_frame`, :func:`check_run_outputs`: write, tabulate and check a run's files.
@@ -20,6 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+# FAST_ENV, OUTPUT_ENV, SHARED_ENV, project_root and shared_datasets_dir are also used from here by notebooks.
+from .settings import (FAST_ENV, OUTPUT_ENV, SHARED_ENV, notebook_output_root, output_dir,  # noqa: F401
+                       project_root, shared_datasets_dir)
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
@@ -27,8 +32,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .pipeline import RetrievalRun, RunOutputs
 
-FAST_ENV = "RETRIEVAL_FAST"
-SHARED_ENV = "RETRIEVAL_SHARED_DATASETS"
 #: Packages Colab already ships (and that must not be replaced by a pip resolve): filtered out of requirements.txt.
 COLAB_KEEP = ("torch", "torchvision", "torchaudio")
 #: Fast mode's default real dataset and the size of its split (per class): small enough for a CPU in seconds.
@@ -120,30 +123,22 @@ def colab_setup(root: str | os.PathLike = ".", dry_run: bool = False) -> list[li
 # --------------------------------------------------------------------------------------------------------------
 # Folders and data
 # --------------------------------------------------------------------------------------------------------------
-def project_root(start: str | os.PathLike | None = None) -> Path:
-    """The nearest folder at or above ``start`` (default: the working folder) holding ``pyproject.toml``, else
-    ``start`` itself."""
-    start = Path(start or Path.cwd()).resolve()
-    for folder in (start, *start.parents):
-        if (folder / "pyproject.toml").is_file():
-            return folder
-    return start
+def output_root(fast: bool | None = None, project: str | os.PathLike | None = None) -> Path:
+    """The folder a notebook writes under (:func:`helpers.settings.notebook_output_root`): ``$RETRIEVAL_OUTPUT_DIR``,
+    else in fast mode a folder of its own (never the project's ``results/``), else the project root.
+    ``fast``: None reads :func:`fast_mode`."""
+    return notebook_output_root(fast_mode() if fast is None else fast, project)
 
 
 def output_paths(tag: str, root: str | os.PathLike | None = None) -> dict[str, Path]:
-    """``submission``, ``metrics`` and ``grid`` paths of a run named ``tag`` under the project root."""
-    root = project_root(root)
+    """``submission``, ``metrics`` and ``grid`` paths of a run named ``tag`` under the output root ``root``
+    (default: :func:`output_root`)."""
+    root = output_root() if root is None else Path(root)
     return {
-        "submission": root / "submissions" / f"{tag}.json",
-        "metrics": root / "results" / f"{tag}.json",
-        "grid": root / "visualizations" / f"{tag}.png",
+        "submission": output_dir("submissions", root) / f"{tag}.json",
+        "metrics": output_dir("results", root) / f"{tag}.json",
+        "grid": output_dir("visualizations", root) / f"{tag}.png",
     }
-
-
-def shared_datasets_dir(root: str | os.PathLike | None = None) -> Path:
-    """``$RETRIEVAL_SHARED_DATASETS``, else ``../shared/datasets`` beside the project root."""
-    env = os.environ.get(SHARED_ENV)
-    return Path(env) if env else project_root(root).parent / "shared" / "datasets"
 
 
 def fast_dataset(
@@ -196,13 +191,13 @@ def notebook_data(fast: bool, data_dir: str | os.PathLike = "data", source: str 
 
 def class_names(data: str | os.PathLike) -> list[str]:
     """The classes of a dataset: those of ``test/labels.json``, else the ``training/`` folder names (sorted)."""
-    from .data import load_retrieval_set
+    from .data import class_folders, load_retrieval_set
 
     dataset = load_retrieval_set(data)
     if dataset.labels:
         return sorted(set(dataset.labels.get("gallery", {}).values()) | set(dataset.labels.get("query", {}).values()))
     if dataset.training_dir is not None:
-        return sorted(d.name for d in dataset.training_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+        return [folder.name for folder in class_folders(dataset.training_dir)]
     return []
 
 
@@ -227,12 +222,13 @@ def class_text_queries(
 # --------------------------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------------------------
-def save_outputs(run: "RetrievalRun", tag: str | None = None, grid_queries: int = 6) -> "RunOutputs":
-    """Write a run's submission, metrics JSON and grid under the project root, named ``tag`` (default: the run's
-    name)."""
+def save_outputs(run: "RetrievalRun", tag: str | None = None, grid_queries: int = 6,
+                 root: str | os.PathLike | None = None) -> "RunOutputs":
+    """Write a run's submission, metrics JSON and grid under the output root ``root`` (default:
+    :func:`output_root`), named ``tag`` (default: the run's name)."""
     from .pipeline import save_run
 
-    paths = output_paths(tag or run.run_name)
+    paths = output_paths(tag or run.run_name, root)
     return save_run(run, out=paths["submission"], metrics_out=paths["metrics"], grid_out=paths["grid"],
                     grid_queries=grid_queries)
 
@@ -337,7 +333,7 @@ def plot_side_by_side(
     :func:`helpers.viz.plot_retrieval_grid`.
     """
     from .data import load_retrieval_set
-    from .viz import pick_queries, plot_retrieval_grid
+    from .viz import layout_with_legend, pick_queries, plot_retrieval_grid
 
     if not rankings:
         raise ValueError("give at least one run to plot")
@@ -361,7 +357,7 @@ def plot_side_by_side(
     labels = _row_labels(list(rankings))
     for index, (_, name) in enumerate(rows):
         fig.axes[index * n_cols].set_ylabel(labels[name], fontsize=7, rotation=0, ha="right", va="center")
-    fig.tight_layout()
+    layout_with_legend(fig)
     return fig
 
 
@@ -397,18 +393,19 @@ def maybe_submit(
     url: str = "",
     data: str | os.PathLike | None = None,
     k: int = 10,
+    root: str | os.PathLike | None = None,
 ) -> Any:
     """Send ``submission`` with :func:`helpers.client.submit` only when both ``group`` and ``url`` are set.
 
     Returns the client's result, or None (with a printed reason) when either is empty: notebooks never submit by
-    accident. The attempt log goes to ``<root>/submissions/submit_log.jsonl``.
+    accident. The attempt log goes to ``<root>/submissions/submit_log.jsonl`` (default root: :func:`output_root`).
     """
     if not (group and url):
         print("not submitted: set GROUP_NAME and SERVER_URL in the parameters cell to send this submission")
         return None
     from .client import submit
 
-    log = project_root() / "submissions" / "submit_log.jsonl"
+    log = output_dir("submissions", output_root() if root is None else root) / "submit_log.jsonl"
     return submit(submission, group, url=url, data=data, k=k, log_path=log)
 
 

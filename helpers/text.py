@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .data import DataError, is_hidden, list_class_folder, list_images, load_retrieval_set
+from .data import DataError, list_class_folder, load_retrieval_set, report_unlisted, scan_folder
 from .embedding import EmbeddingCache, EmbeddingResult, extract_embeddings, l2_normalize
 from .fileio import atomic_write
 from .metrics import build_metrics_record, write_metrics
@@ -310,11 +310,11 @@ def collect_images(data: str | os.PathLike, part: str = "gallery") -> ImageColle
         if part == "all" and len(set(names)) < len(names):
             names = [f"{kind}/{p.name}" for kind, ps in parts for p in ps]
         return ImageCollection(root, "competition", paths, names, labels)
-    flat = list_images(root)
-    if flat:
-        return ImageCollection(root, "flat", flat, [p.name for p in flat])
-    subdirs = [d for d in root.iterdir() if d.is_dir() and not is_hidden(d)]
-    if not subdirs:
+    listing = scan_folder(root)
+    if listing.images:
+        report_unlisted(listing.skipped)
+        return ImageCollection(root, "flat", listing.images, [p.name for p in listing.images])
+    if not listing.folders:
         raise DataError(f"{root} holds no image (expected images in it, {root}/<class>/<image>, or test/gallery)")
     items = list_class_folder(root)
     paths = [p for p, _ in items]

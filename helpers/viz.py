@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
 CORRECT_COLOR = "#1a9641"
 WRONG_COLOR = "#d7191c"
 QUERY_COLOR = "#2c7bb6"
+#: Height added below a grid for its colour legend.
+LEGEND_INCHES = 0.45
 
 
 def _thumbnail(path: Path, size: int) -> np.ndarray:
@@ -76,6 +78,29 @@ def _verdict_color(verdict: bool | None) -> str | None:
     return None if verdict is None else (CORRECT_COLOR if verdict else WRONG_COLOR)
 
 
+def add_legend(fig: "Figure", verdicts: bool) -> None:
+    """The grid's key below the images: the query's border colour, and with ``verdicts`` (ground truth known) the
+    colours of relevant and not relevant results; the caption under each image is ``#rank similarity``."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor="none", edgecolor=QUERY_COLOR, linewidth=2.5, label="query")]
+    if verdicts:
+        handles += [Patch(facecolor="none", edgecolor=CORRECT_COLOR, linewidth=2.5, label="relevant"),
+                    Patch(facecolor="none", edgecolor=WRONG_COLOR, linewidth=2.5, label="not relevant")]
+    fig.set_figheight(fig.get_figheight() + LEGEND_INCHES)
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False,
+               title="border: query / ground truth; caption: #rank similarity, file name", title_fontsize=7)
+
+
+def layout_with_legend(fig: "Figure", title: str | None = None) -> None:
+    """``tight_layout`` leaving room below for the legend of :func:`add_legend` (when there is one) and above for
+    ``title``."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    bottom = min(0.3, LEGEND_INCHES / fig.get_figheight()) if fig.legends else 0.0
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+
+
 def plot_retrieval_grid(
     queries: Sequence[Path],
     ranked: Sequence[Sequence[Path]],
@@ -109,9 +134,8 @@ def plot_retrieval_grid(
                            thumb_size, thumbs)
             else:
                 _draw_tile(ax, None, "", None, thumb_size)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    add_legend(fig, verdicts=correct is not None and any(v is not None for row in correct for v in row))
+    layout_with_legend(fig, title)
     return fig
 
 
@@ -359,7 +383,6 @@ def plot_run_comparison(
                 similarity = f" {row_scores[j]:.3f}" if row_scores is not None and j < len(row_scores) else ""
                 _draw_tile(axes[row][col], gallery_dir / ranked[j], f"#{j + 1}{similarity}\n{_short(ranked[j])}",
                            _verdict_color(verdict), thumb_size, thumbs)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    add_legend(fig, verdicts=ground_truth is not None and any(q in ground_truth for q in queries))
+    layout_with_legend(fig, title)
     return fig

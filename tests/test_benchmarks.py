@@ -21,10 +21,10 @@ def test_table_formatting(capsys):
     assert fmt(float("nan")) == "-"
 
 
-def test_extraction_smallest(imagenette_val, capsys):
+def test_extraction_smallest(shapes, capsys):
     from benchmarks import extraction
 
-    assert extraction.main(["--data", str(imagenette_val), "--limit", "12", "--naive-limit", "3",
+    assert extraction.main(["--data", str(shapes), "--limit", "12", "--naive-limit", "3",
                             "--batch-size", "4", "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "naive loop" in out and "compute bound" in out and "images/s" in out

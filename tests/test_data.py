@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -12,10 +14,12 @@ from PIL import Image
 from helpers.data import (
     DataError,
     ImageLoadError,
+    class_folders,
     list_class_folder,
     list_images,
     load_image,
     load_retrieval_set,
+    scan_folder,
     split_dataset,
 )
 from tests.conftest import shared_dataset
@@ -65,8 +69,15 @@ def messy_folder(tmp_path_factory, photo):
     return folder
 
 
-def test_listing_ignores_hidden_and_matches_extensions_case_insensitively(messy_folder):
-    names = [p.name for p in list_images(messy_folder)]
+def test_listing_ignores_hidden_and_matches_extensions_case_insensitively(tmp_path, shapes):
+    drawn = Image.open(shapes / "square-warm" / "000.png")
+    for name in ("plain photo é.JPG", "scan.tiff", "lossless.webp", "bitmap.bmp"):
+        drawn.save(tmp_path / name)
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x01")
+    (tmp_path / "._plain.jpg").write_bytes(b"\x00\x05\x16\x07")
+    (tmp_path / "readme.txt").write_text("not listed")
+    names = [p.name for p in list_images(tmp_path)]
+    assert names == ["bitmap.bmp", "lossless.webp", "plain photo é.JPG", "scan.tiff"]
     assert "plain photo é.JPG" in names and "scan.tiff" in names and "lossless.webp" in names
     assert not any(n.startswith(".") for n in names)
     assert "readme.txt" not in names
@@ -132,33 +143,32 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
         load_retrieval_set(tmp_path)
 
 
-def test_split_is_disjoint_deterministic_and_writes_ground_truth(tmp_path):
-    source = shared_dataset("cifar10-test")  # basenames repeat across class folders
-    # 1,100 test images from 10 classes whose files are all named 0000.jpg-0999.jpg: collisions are certain
-    a = split_dataset(source, tmp_path / "a", train_per_class=3, query_per_class=10, gallery_per_class=100, seed=7)
-    split_dataset(source, tmp_path / "b", train_per_class=3, query_per_class=10, gallery_per_class=100, seed=7)
-    assert a.totals == {"query": 100, "gallery": 1000, "training": 30}
+def test_split_is_disjoint_deterministic_and_writes_ground_truth(tmp_path, shapes):
+    # every class folder holds 000.png-011.png: basename collisions are certain
+    a = split_dataset(shapes, tmp_path / "a", train_per_class=3, query_per_class=2, gallery_per_class=6, seed=7)
+    split_dataset(shapes, tmp_path / "b", train_per_class=3, query_per_class=2, gallery_per_class=6, seed=7)
+    assert a.totals == {"query": 8, "gallery": 24, "training": 12}
     assert a.renamed > 0
     listing = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())  # noqa: E731
     assert listing(tmp_path / "a") == listing(tmp_path / "b")
 
     data = load_retrieval_set(tmp_path / "a")
     query, gallery = set(data.query_names), set(data.gallery_names)
-    assert len(query) == 100 and len(gallery) == 1000 and not (query & gallery)
+    assert len(query) == 8 and len(gallery) == 24 and not (query & gallery)
     labels = json.loads((tmp_path / "a" / "test" / "labels.json").read_text())
     for q, relevant in data.ground_truth.items():
-        assert len(relevant) == 100
+        assert len(relevant) == 6
         assert all(labels["gallery"][g] == labels["query"][q] for g in relevant)
     # the same source file never lands in two parts: compare pixel content of query vs training
     training = list_class_folder(tmp_path / "a" / "training")
-    assert len(training) == 30
+    assert len(training) == 12
     hashes = lambda paths: {hash(Image.open(p).tobytes()) for p in paths}  # noqa: E731
     assert not hashes(data.query_paths) & hashes([p for p, _ in training])
 
 
-def test_split_different_seed_changes_the_selection(tmp_path, imagenette_val):
-    a = split_dataset(imagenette_val, tmp_path / "a", train_per_class=0, query_per_class=1, gallery_per_class=1, seed=0)
-    b = split_dataset(imagenette_val, tmp_path / "b", train_per_class=0, query_per_class=1, gallery_per_class=1, seed=1)
+def test_split_different_seed_changes_the_selection(tmp_path, shapes):
+    a = split_dataset(shapes, tmp_path / "a", train_per_class=0, query_per_class=1, gallery_per_class=1, seed=0)
+    b = split_dataset(shapes, tmp_path / "b", train_per_class=0, query_per_class=1, gallery_per_class=1, seed=1)
     names = lambda s: sorted(p.name for p in (s.out_dir / "test" / "query").iterdir())  # noqa: E731
     assert names(a) != names(b)
 
@@ -174,3 +184,116 @@ def test_skips_are_logged_by_name(messy_folder, caplog):
     with caplog.at_level(logging.WARNING, logger="helpers"):
         report_skipped([(messy_folder / "empty.jpg", "empty file (0 bytes)")])
     assert "empty.jpg" in caplog.text and "1 images skipped" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Listing: what cannot be used is reported with its reason, never silently left out, never fatal
+# --------------------------------------------------------------------------------------------------------------
+UNDECODABLE = b"caf\xe9.jpg"  # Latin-1 bytes: not valid UTF-8
+
+
+def _awkward_folder(folder, image_source):
+    """``good.png`` beside every kind of entry that looks like an image but cannot be used."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(image_source, folder / "good.png")
+    with open(os.path.join(os.fsencode(folder), UNDECODABLE), "wb") as handle:
+        handle.write((folder / "good.png").read_bytes())
+    (folder / "album.jpg").mkdir()
+    os.symlink("loop.jpg", folder / "loop.jpg")
+    os.symlink("missing.png", folder / "gone.png")
+    os.mkfifo(folder / "pipe.png")
+    (folder / ".hidden.jpg").write_bytes(b"")
+    (folder / "readme.txt").write_text("ignored")
+    return folder
+
+
+@pytest.fixture
+def drawn_image(shapes):
+    return shapes / "circle-warm" / "000.png"
+
+
+def test_scan_reports_undecodable_names_image_named_folders_links_and_fifos(tmp_path, drawn_image):
+    folder = _awkward_folder(tmp_path / "mixed", drawn_image)
+    listing = scan_folder(folder)
+    assert [p.name for p in listing.images] == ["good.png"]
+    reasons = {os.fsencode(p.name): reason for p, reason in listing.skipped}
+    assert reasons == {
+        UNDECODABLE: "name is not valid UTF-8 (rename it)",
+        b"album.jpg": "a folder named like an image",
+        b"loop.jpg": "symbolic link loop",
+        b"gone.png": "broken symbolic link (its target is missing)",
+        b"pipe.png": "not a regular file (a FIFO)",
+    }
+
+
+def test_list_images_logs_each_skipped_entry_with_a_printable_name(tmp_path, drawn_image, caplog):
+    folder = _awkward_folder(tmp_path / "mixed", drawn_image)
+    with caplog.at_level(logging.WARNING, logger="helpers"):
+        assert [p.name for p in list_images(folder)] == ["good.png"]
+    assert "caf\\xe9.jpg: name is not valid UTF-8" in caplog.text
+    for name in ("album.jpg", "loop.jpg", "gone.png", "pipe.png"):
+        assert f"{name}: " in caplog.text
+
+
+def test_retrieval_set_skips_an_undecodable_name_and_its_names_serialise(tmp_path, shapes_split):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_split, data)
+    gallery = data / "test" / "gallery"
+    with open(os.path.join(os.fsencode(gallery), UNDECODABLE), "wb") as handle:
+        handle.write(next(gallery.iterdir()).read_bytes())
+    dataset = load_retrieval_set(data)
+    assert len(dataset.gallery_paths) == 24
+    assert [os.fsencode(p.name) for p, _ in dataset.skipped] == [UNDECODABLE]
+    json.dumps(dataset.gallery_names, ensure_ascii=False).encode("utf-8")  # what writing the submission needs
+
+
+def test_retrieve_writes_its_submission_despite_an_undecodable_file_name(tmp_path, shapes_split, monkeypatch):
+    from helpers.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_split, data)
+    for part in ("query", "gallery"):
+        folder = data / "test" / part
+        with open(os.path.join(os.fsencode(folder), UNDECODABLE), "wb") as handle:
+            handle.write(next(folder.iterdir()).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run.json"
+    code = main(["retrieve", "--data", str(data), "--model", "efficientnet-lite0", "--k", "3", "--out", str(out),
+                 "--metrics-out", str(tmp_path / "metrics.json"), "--no-cache", "--backend", "torch", "--quiet"])
+    assert code == 0
+    submission = json.loads(out.read_text(encoding="utf-8"))
+    assert len(submission) == 8 and all(len(names) == 3 for names in submission.values())
+
+
+def test_class_folders_are_listed_once_with_the_same_rules(tmp_path, drawn_image):
+    root = tmp_path / "classes"
+    for name in ("b", "a", ".git", "empty"):
+        (root / name).mkdir(parents=True)
+    os.mkdir(os.path.join(os.fsencode(root), b"caf\xe9"))
+    for name in ("a", "b"):
+        shutil.copy(drawn_image, root / name / "x.png")
+    (root / ".git" / "y.png").write_bytes(drawn_image.read_bytes())
+    assert [p.name for p in class_folders(root)] == ["a", "b", "empty"]
+    assert [(p.name, label) for p, label in list_class_folder(root)] == [("x.png", "a"), ("x.png", "b")]
+
+
+def test_a_flat_folder_gets_the_expected_layout_and_split(tmp_path, drawn_image):
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    shutil.copy(drawn_image, flat / "one.png")
+    with pytest.raises(DataError, match=r"flat folder of images.*photos/test/query/.*split --source CLASS_DIR"):
+        load_retrieval_set(flat)
+    with pytest.raises(DataError, match=r"flat folder of images without classes.*photos/cat/001.jpg"):
+        list_class_folder(flat)
+
+
+def test_class_folders_as_data_point_at_split(shapes):
+    with pytest.raises(DataError, match=r"looks like class folders.*split --source .*shapes"):
+        load_retrieval_set(shapes)
+
+
+def test_data_without_layout_after_demo_points_at_data_demo(tmp_path, demo_data):
+    (tmp_path / "data").mkdir()
+    shutil.copytree(demo_data, tmp_path / "data" / "demo")
+    with pytest.raises(DataError, match=r"try `python -m helpers retrieve --data .*data/demo`"):
+        load_retrieval_set(tmp_path / "data")

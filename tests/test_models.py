@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BIG = {"clip-vit-l14", "clip-vit-l14-336", "clip-vit-h14", "dinov2-vitl14"}
 
 
-def _images(tiny_split: Path, n: int = 3):
+def _images(drawn_split: Path, n: int = 3):
     from PIL import Image
 
-    paths = sorted((tiny_split / "test" / "gallery").iterdir())[:n]
+    paths = sorted((drawn_split / "test" / "gallery").iterdir())[:n]
     return [Image.open(p).convert("RGB") for p in paths]
 
 
@@ -121,8 +121,8 @@ def test_clip_l14_gem_contract_by_spec():
     assert get_spec("clip-vit-l14-336").preprocessing.input_size // 14 == 24
 
 
-def test_clip_b32_embeds_real_images_text_and_pools(tiny_split):
-    images = _images(tiny_split)
+def test_clip_b32_embeds_real_images_text_and_pools(drawn_split):
+    images = _images(drawn_split)
     model = load_model("clip-vit-b32", weights="none")
     assert model.embed_dim == 512 and model.pooling == "proj"
     assert model.preprocessing.mean == CLIP_MEAN
@@ -164,8 +164,8 @@ def test_clip_quickgelu_follows_the_pretrained_tag():
         load_model("clip-vit-b32", weights="none", pool="gap")
 
 
-def test_clip_weight_file_round_trip(tmp_path, tiny_split):
-    images = _images(tiny_split, 2)
+def test_clip_weight_file_round_trip(tmp_path, drawn_split):
+    images = _images(drawn_split, 2)
     model = load_model("clip-vit-b32", weights="none", pool="gem")
     with torch.no_grad():
         model.network.gem.p.fill_(4.0)
@@ -288,12 +288,12 @@ def test_timm_specs_follow_timm_pretrained_configs():
 
 
 @pytest.mark.parametrize("name", SMALL)
-def test_builds_offline_and_embeds_real_images(name, tiny_split):
+def test_builds_offline_and_embeds_real_images(name, drawn_split):
     dim = EXPECTED[name][0]
     model = load_model(name, weights="none")
     assert model.embed_dim == dim and model.weights == "none"
     assert not model.training
-    emb = embed_pil_images(model, _images(tiny_split, 2), device="cpu")
+    emb = embed_pil_images(model, _images(drawn_split, 2), device="cpu")
     assert emb.shape == (2, dim) and emb.dtype == np.float32
     assert np.all(np.isfinite(emb)) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
     assert not np.allclose(emb[0], emb[1]), "two different photos gave the same embedding"
@@ -301,8 +301,8 @@ def test_builds_offline_and_embeds_real_images(name, tiny_split):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MEDIUM))
-def test_medium_models_build_offline_and_embed_real_images(name, tiny_split):
-    test_builds_offline_and_embeds_real_images(name, tiny_split)
+def test_medium_models_build_offline_and_embed_real_images(name, drawn_split):
+    test_builds_offline_and_embeds_real_images(name, drawn_split)
 
 
 @pytest.mark.slow
@@ -328,7 +328,7 @@ def test_pool_options(name, pool, dim):
         assert model(x).shape == (2, dim)
 
 
-def test_pooling_matches_features(tiny_split):
+def test_pooling_matches_features(drawn_split):
     model = load_model("resnet18", weights="none")
     gem_model = load_model("resnet18", weights="none", pool="gem")
     gem_model.network.model.load_state_dict(model.network.model.state_dict())
@@ -362,8 +362,8 @@ def test_bad_options_are_clear_errors():
 @pytest.mark.parametrize("name,options", [("resnet18", {"pool": "gem"}), ("dinov2-vits14", {}),
                                           pytest.param("googlenet", {}, marks=pytest.mark.slow),
                                           pytest.param("vit-b16", {}, marks=pytest.mark.slow)])
-def test_weight_file_round_trip(name, options, tmp_path, tiny_split):
-    images = _images(tiny_split, 2)
+def test_weight_file_round_trip(name, options, tmp_path, drawn_split):
+    images = _images(drawn_split, 2)
     model = load_model(name, weights="none", **options)
     with torch.no_grad():  # make the saved state differ from any fresh random initialisation
         for param in model.network.parameters():
@@ -375,9 +375,9 @@ def test_weight_file_round_trip(name, options, tmp_path, tiny_split):
         assert torch.equal(value, again.network.state_dict()[key]), key
 
 
-def test_published_layouts_load(tmp_path, tiny_split):
+def test_published_layouts_load(tmp_path, drawn_split):
     """Files as the libraries publish them: timm (classifier included), torchvision (aux heads), FaceNet (logits)."""
-    images = _images(tiny_split, 2)
+    images = _images(drawn_split, 2)
     import timm
     from safetensors.torch import save_file
 
@@ -528,17 +528,17 @@ def test_pretrained_offline_errors_name_the_fix(name, tmp_path):
                                         pytest.param("googlenet", [], marks=pytest.mark.slow),
                                         pytest.param("vit-b16", [], marks=pytest.mark.slow),
                                         pytest.param("efficientnet-b0", [], marks=pytest.mark.slow)])
-def test_cli_retrieve_with_random_weights_writes_a_valid_submission(name, extra, tiny_split, tmp_path):
+def test_cli_retrieve_with_random_weights_writes_a_valid_submission(name, extra, drawn_split, tmp_path):
     from helpers.cli import main
     from helpers.data import load_retrieval_set
     from helpers.submission import load_submission, validate_submission
 
     out = tmp_path / "submission.json"
     metrics = tmp_path / "metrics.json"
-    rc = main(["retrieve", "--model", name, "--weights", "none", "--data", str(tiny_split), "--out", str(out),
+    rc = main(["retrieve", "--model", name, "--weights", "none", "--data", str(drawn_split), "--out", str(out),
                "--metrics-out", str(metrics), "--device", "cpu", "--quiet", "--workers", "0", "--k", "5", *extra])
     assert rc == 0
-    dataset = load_retrieval_set(tiny_split)
+    dataset = load_retrieval_set(drawn_split)
     rankings = load_submission(out)
     assert validate_submission(rankings, k=5, query_names=[p.name for p in dataset.query_paths],
                                gallery_names=[p.name for p in dataset.gallery_paths]) == []

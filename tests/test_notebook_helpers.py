@@ -17,6 +17,7 @@ from helpers.notebook import (
     maybe_submit,
     notebook_data,
     output_paths,
+    output_root,
     project_root,
 )
 
@@ -50,8 +51,22 @@ def test_project_root_from_a_subfolder_and_outside(tmp_path, monkeypatch):
     assert project_root(ROOT / "notebooks") == ROOT
     monkeypatch.chdir(ROOT / "notebooks")
     assert project_root() == ROOT
-    assert output_paths("x")["metrics"] == ROOT / "results" / "x.json"
+    assert output_paths("x", ROOT)["metrics"] == ROOT / "results" / "x.json"
     assert project_root(tmp_path) == tmp_path.resolve()
+
+
+def test_output_root_keeps_fast_runs_out_of_the_project(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT / "notebooks")
+    monkeypatch.delenv("RETRIEVAL_OUTPUT_DIR", raising=False)
+    assert output_root(fast=False) == ROOT
+    fast_root = output_root(fast=True)
+    assert fast_root.name == "retrieval-fast-outputs" and ROOT not in fast_root.parents
+    monkeypatch.setenv("RETRIEVAL_FAST", "1")
+    assert output_paths("fast_x")["grid"] == fast_root / "visualizations" / "fast_x.png"
+    monkeypatch.setenv("RETRIEVAL_OUTPUT_DIR", str(tmp_path))
+    for fast in (True, False):
+        assert output_root(fast) == tmp_path.resolve()
+    assert output_paths("fast_x")["submission"] == tmp_path.resolve() / "submissions" / "fast_x.json"
 
 
 def test_colab_requirements_keep_colab_torch(tmp_path):
@@ -146,10 +161,10 @@ def test_weights_for_keeps_offline_weights_in_fast_mode():
     assert notebook.weights_for("resnet18", fast=False) == "pretrained"
 
 
-def test_class_text_queries_from_labels(tiny_split):
-    queries, truth = notebook.class_text_queries(tiny_split, template="a photo of a {}.")
-    labels = load_retrieval_set(tiny_split).labels["gallery"]
-    assert len(queries) == 10 and queries[0] == "a photo of a n01440764."
+def test_class_text_queries_from_labels(drawn_split):
+    queries, truth = notebook.class_text_queries(drawn_split, template="a photo of a {}.")
+    labels = load_retrieval_set(drawn_split).labels["gallery"]
+    assert len(queries) == 10 and queries[0] == "a photo of a circle-cool."
     assert set(truth) == set(queries)
     for query, names in truth.items():
         assert len(names) == 4 and {labels[n] for n in names} == {query[len("a photo of a "):-1]}

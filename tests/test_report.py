@@ -23,8 +23,8 @@ from helpers.submission import load_submission
 RUNS = ("tiny_lite0_none", "tiny_lite0_flip", "tiny_resnet18_random")
 
 
-def produce_runs(base: Path, tiny_split: Path, get_lite0) -> Path:
-    """Three real runs on the tiny split, written once per test session under ``base/report_runs``:
+def produce_runs(base: Path, drawn_split: Path, get_lite0) -> Path:
+    """Three real runs on the drawn split, written once per test session under ``base/report_runs``:
     efficientnet-lite0 without and with flip TTA (library calls), and a randomly initialised resnet18 through the
     ``retrieve`` verb (a different model, no download). ``results/`` and ``submissions/`` as the CLI writes them."""
     from helpers.pipeline import run_retrieval, save_run
@@ -36,10 +36,10 @@ def produce_runs(base: Path, tiny_split: Path, get_lite0) -> Path:
     lite0 = get_lite0()
     for tta in ("none", "flip"):
         name = f"tiny_lite0_{tta}"
-        run = run_retrieval(tiny_split, model=lite0, tta=tta, device="cpu", progress=False, cache_dir=cache,
+        run = run_retrieval(drawn_split, model=lite0, tta=tta, device="cpu", progress=False, cache_dir=cache,
                             run_name=name)
         save_run(run, out=root / "submissions" / f"{name}.json", metrics_out=root / "results" / f"{name}.json")
-    code = cli_main(["retrieve", "--data", str(tiny_split), "--model", "resnet18", "--weights", "none",
+    code = cli_main(["retrieve", "--data", str(drawn_split), "--model", "resnet18", "--weights", "none",
                      "--device", "cpu", "--no-cache", "--quiet", "--run-name", "tiny_resnet18_random",
                      "--out", str(root / "submissions" / "tiny_resnet18_random.json"),
                      "--metrics-out", str(root / "results" / "tiny_resnet18_random.json")])
@@ -49,8 +49,8 @@ def produce_runs(base: Path, tiny_split: Path, get_lite0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_split, request) -> Path:
-    return produce_runs(tmp_path_factory.getbasetemp(), tiny_split, lambda: request.getfixturevalue("lite0"))
+def runs(tmp_path_factory, drawn_split, request) -> Path:
+    return produce_runs(tmp_path_factory.getbasetemp(), drawn_split, lambda: request.getfixturevalue("lite0"))
 
 
 BROKEN = {
@@ -64,14 +64,14 @@ BROKEN = {
 
 
 @pytest.fixture()
-def results_dir(runs, tiny_split, tmp_path) -> Path:
+def results_dir(runs, drawn_split, tmp_path) -> Path:
     """The real metrics JSONs beside broken and foreign JSON files (one in a subfolder, one binary)."""
     folder = tmp_path / "results"
     shutil.copytree(runs / "results", folder)
     for name, text in BROKEN.items():
         (folder / name).write_text(text)
     (folder / "nested").mkdir()
-    shutil.copy(tiny_split / "test" / "ground_truth.json", folder / "nested" / "ground_truth.json")
+    shutil.copy(drawn_split / "test" / "ground_truth.json", folder / "nested" / "ground_truth.json")
     (folder / "binary.json").write_bytes(bytes(range(256)))
     return folder
 
@@ -163,10 +163,10 @@ def _naive_confusions(rankings, ground_truth, query_class, gallery_class, k=10):
     return counts
 
 
-def test_failure_analysis_against_a_naive_count(runs, tiny_split):
+def test_failure_analysis_against_a_naive_count(runs, drawn_split):
     rankings = load_submission(runs / "submissions" / "tiny_resnet18_random.json")
-    ground_truth = load_ground_truth(tiny_split / "test" / "ground_truth.json")
-    labels = read_json(tiny_split / "test" / "labels.json")
+    ground_truth = load_ground_truth(drawn_split / "test" / "ground_truth.json")
+    labels = read_json(drawn_split / "test" / "labels.json")
     analysis = failure_analysis(rankings, ground_truth, labels, n_worst=5)
     evaluation = evaluate_rankings(rankings, ground_truth)
     per_query = {row["query"]: row for row in evaluation.per_query}
@@ -184,9 +184,9 @@ def test_failure_analysis_against_a_naive_count(runs, tiny_split):
     assert (analysis.confusions["a_to_b"] + analysis.confusions["b_to_a"] == analysis.confusions["in_top_r"]).all()
 
 
-def test_classes_derived_from_ground_truth_match_the_labels(tiny_split):
-    ground_truth = load_ground_truth(tiny_split / "test" / "ground_truth.json")
-    labels = read_json(tiny_split / "test" / "labels.json")
+def test_classes_derived_from_ground_truth_match_the_labels(drawn_split):
+    ground_truth = load_ground_truth(drawn_split / "test" / "ground_truth.json")
+    labels = read_json(drawn_split / "test" / "labels.json")
     derived = class_labels(ground_truth, None)
     assert derived.derived
 
@@ -197,8 +197,8 @@ def test_classes_derived_from_ground_truth_match_the_labels(tiny_split):
     assert partition(derived.gallery) == partition(labels["gallery"])
 
 
-def test_compare_runs_says_what_each_gets_right(runs, tiny_split):
-    ground_truth = load_ground_truth(tiny_split / "test" / "ground_truth.json")
+def test_compare_runs_says_what_each_gets_right(runs, drawn_split):
+    ground_truth = load_ground_truth(drawn_split / "test" / "ground_truth.json")
     a = load_submission(runs / "submissions" / "tiny_lite0_none.json")
     b = load_submission(runs / "submissions" / "tiny_resnet18_random.json")
     comparison = compare_runs(a, b, ground_truth, name_a="lite0", name_b="random")

@@ -1,6 +1,6 @@
 """Text search, zero-shot classification and composed queries (helpers.text, the text CLI verbs).
 
-Offline tests build CLIP ViT-B/32 with random weights (``weights="none"``) and run on a few real CIFAR-10 photos.
+Offline tests build CLIP ViT-B/32 with random weights (``weights="none"``) and run on a few drawn images.
 Tests with real CLIP weights run only where a checkpoint is present: set ``RETRIEVAL_CLIP_CHECKPOINT`` to an
 open_clip ViT-B-32 (OpenAI, QuickGELU) checkpoint file, or have open_clip's ``openai`` weights for ViT-B-32 in the
 Hugging Face cache; otherwise they are skipped with a message saying so.
@@ -19,7 +19,7 @@ import torch
 from helpers import text as T
 from helpers.cli import main as cli_main
 from helpers.models import ModelError, load_model
-from tests.conftest import shared_dataset
+from tests.conftest import SHAPE_CLASSES, draw_class_folders, shared_dataset
 
 #: (CIFAR-10 class folder, the folder name used here): an underscore and an apostrophe on purpose.
 CLASSES = (("airplane", "air_plane"), ("automobile", "automobile"), ("cat", "cat's"))
@@ -34,13 +34,16 @@ def clip_random():
 
 @pytest.fixture(scope="module")
 def class_folder(tmp_path_factory) -> Path:
-    """3 classes x 3 real CIFAR-10 test photos as DIR/<class>/<image> (hard links, nothing copied into the repo)."""
-    source = shared_dataset("cifar10-test")
+    """3 classes x 3 drawn images as DIR/<class>/<image>.jpg: with random CLIP weights the content does not matter,
+    so these tests need no photo dataset (the real-weight tests below use real CIFAR-10 photos)."""
+    from PIL import Image
+
+    drawn = draw_class_folders(tmp_path_factory.mktemp("text_drawn"), SHAPE_CLASSES[:len(CLASSES)], PER_CLASS)
     root = tmp_path_factory.mktemp("text_classes")
-    for cifar_name, folder in CLASSES:
+    for shape, (_, folder) in zip(SHAPE_CLASSES, CLASSES):
         (root / folder).mkdir()
-        for path in sorted((source / cifar_name).glob("*.jpg"))[:PER_CLASS]:
-            os.link(path, root / folder / path.name)
+        for path in sorted((drawn / shape).glob("*.png")):
+            Image.open(path).save(root / folder / f"{path.stem}.jpg", quality=90)
     return root
 
 

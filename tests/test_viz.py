@@ -28,14 +28,14 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_split, request) -> Path:
-    return produce_runs(tmp_path_factory.getbasetemp(), tiny_split, lambda: request.getfixturevalue("lite0"))
+def runs(tmp_path_factory, drawn_split, request) -> Path:
+    return produce_runs(tmp_path_factory.getbasetemp(), drawn_split, lambda: request.getfixturevalue("lite0"))
 
 
 @pytest.fixture(scope="module")
-def lite_run(runs, tiny_split):
+def lite_run(runs, drawn_split):
     submission = runs / "submissions" / "tiny_lite0_none.json"
-    return submission, load_submission(submission), load_retrieval_set(tiny_split)
+    return submission, load_submission(submission), load_retrieval_set(drawn_split)
 
 
 def _border(ax) -> tuple | None:
@@ -170,11 +170,11 @@ def test_html_without_ground_truth_has_no_verdicts(lite_run):
     assert all(v is None for c in parser.cards for _, _, v in c["cells"])
 
 
-def test_show_verb_writes_pages_html_and_comparison(runs, tiny_split, tmp_path, capsys):
+def test_show_verb_writes_pages_html_and_comparison(runs, drawn_split, tmp_path, capsys):
     submission = runs / "submissions" / "tiny_lite0_none.json"
     other = runs / "submissions" / "tiny_resnet18_random.json"
     out = tmp_path / "show"
-    assert cli_main(["show", "--submission", str(submission), "--data", str(tiny_split), "--out", str(out),
+    assert cli_main(["show", "--submission", str(submission), "--data", str(drawn_split), "--out", str(out),
                      "--queries", "all", "--per-page", "8", "--k", "5", "--html", "--compare", str(other)]) == 0
     stdout = capsys.readouterr().out
     pages = sorted(out.glob("tiny_lite0_none_grid_*.png"))
@@ -189,11 +189,11 @@ def test_show_verb_writes_pages_html_and_comparison(runs, tiny_split, tmp_path, 
 
     single = tmp_path / "single"
     query = next(iter(load_submission(submission)))
-    assert cli_main(["show", "--submission", str(submission), "--data", str(tiny_split), "--out", str(single),
+    assert cli_main(["show", "--submission", str(submission), "--data", str(drawn_split), "--out", str(single),
                      "--query", query, "--ground-truth", "none"]) == 0
     assert [p.name for p in single.iterdir()] == ["tiny_lite0_none_grid.png"]
     assert "no ground truth" in capsys.readouterr().out
-    assert cli_main(["show", "--submission", str(submission), "--data", str(tiny_split), "--query", "nope.jpg",
+    assert cli_main(["show", "--submission", str(submission), "--data", str(drawn_split), "--query", "nope.jpg",
                      "--out", str(single)]) == 2
     assert "error: --query 'nope.jpg' is not in the submission" in capsys.readouterr().err
 
@@ -215,8 +215,10 @@ def test_run_comparison_figure_borders(runs, lite_run):
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed")
-def test_html_page_renders_in_headless_chromium(lite_run, tmp_path):
-    _, rankings, dataset = lite_run
+def test_html_page_renders_in_headless_chromium(runs, lite_run, tmp_path):
+    _, _, dataset = lite_run
+    # the random-weight run: its queries score differently (lite0 gets every drawn query right)
+    rankings = load_submission(runs / "submissions" / "tiny_resnet18_random.json")
     page = write_html_report(tmp_path / "page.html", rankings, dataset.query_dir, dataset.gallery_dir,
                              ground_truth=dataset.ground_truth, queries=list(rankings)[:4], title="chromium check")
     shot = tmp_path / "shot.png"
@@ -249,3 +251,25 @@ def _weighted_in_page_order(page: Path) -> list[str]:
     parser = _PageParser()
     parser.feed(page.read_text())
     return [card["attrs"]["data-weighted"] for card in parser.cards]
+
+
+def test_grid_has_a_colour_legend_below_the_images(lite_run):
+    _, rankings, dataset = lite_run
+    queries = list(rankings)[:3]
+    fig = plot_submission(rankings, dataset.query_dir, dataset.gallery_dir, queries,
+                          ground_truth=dataset.ground_truth, k=4)
+    (legend,) = fig.legends
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert labels == ["query", "relevant", "not relevant"]
+    colours = [_rgba_of(handle.get_edgecolor()) for handle in legend.legend_handles]
+    assert colours == [_rgba(QUERY_COLOR), _rgba(CORRECT_COLOR), _rgba(WRONG_COLOR)]
+    assert "#rank similarity" in legend.get_title().get_text()
+    fig.canvas.draw()
+    legend_top = legend.get_window_extent().y1
+    assert all(ax.get_window_extent().y0 >= legend_top for ax in fig.axes)  # nothing hidden behind the legend
+    without = plot_submission(rankings, dataset.query_dir, dataset.gallery_dir, queries, k=4)
+    assert [text.get_text() for text in without.legends[0].get_texts()] == ["query"]
+
+
+def _rgba_of(colour) -> tuple:
+    return tuple(np.round(to_rgba(colour), 3))

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import textwrap
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models import ModelSpec
 
 
 def add_data(parser: argparse.ArgumentParser, default: str = "data", help_text: str | None = None) -> None:
@@ -49,3 +55,21 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def model_table(specs: Sequence["ModelSpec"], pass_through: Sequence[str] = (), width: int | None = None) -> list[str]:
+    """The lines of ``models``: one line of columns per model, its description wrapped and indented below, every
+    line at most ``width`` characters (default: the terminal's width, 80 when it is unknown)."""
+    width = width or shutil.get_terminal_size((80, 24)).columns
+    rows = [("name", "family", "dim", "input", "offline")]
+    rows += [(s.name, s.family, str(s.embed_dim), str(s.preprocessing.input_size),
+              "yes" if s.offline_weights else "no") for s in specs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()[:width] for row in rows[:1]]
+    for spec, row in zip(specs, rows[1:]):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()[:width])
+        lines += textwrap.wrap(spec.description, width=width, initial_indent="    ", subsequent_indent="    ")
+    if pass_through:
+        lines += textwrap.wrap("pass-through (dimension and input size from the library): " + ", ".join(pass_through),
+                               width=width, subsequent_indent="    ")
+    return lines

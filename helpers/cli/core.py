@@ -43,23 +43,16 @@ def register(subparsers) -> None:
 def cmd_models(args: argparse.Namespace) -> int:
     from ..models import list_models
 
-    specs = [s for s in list_models() if not args.family or s.family == args.family]
-    rows = [("name", "family", "dim", "input", "offline weights", "description")]
-    for s in specs:
-        rows.append((s.name, s.family, str(s.embed_dim), str(s.preprocessing.input_size),
-                     "yes" if s.offline_weights else "no", s.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        print("  ".join(r[i].ljust(widths[i]) for i in range(5)) + "  " + r[5])
-    if not args.family:
-        from ..models import list_prefixes
+    from ..models import list_prefixes
+    from .common import model_table
 
-        print("pass-through (dimension and input size from the library): " + ", ".join(list_prefixes().values()))
+    specs = [s for s in list_models() if not args.family or s.family == args.family]
+    print("\n".join(model_table(specs, () if args.family else list(list_prefixes().values()))))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..demo import next_steps, run_demo
     from ..metrics import format_metrics_table
 
     outputs = run_demo(args.out, model=args.model, weights=args.weights, device=args.device)
@@ -69,6 +62,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"submission:   {outputs.submission}")
     print(f"metrics:      {outputs.metrics}")
     print(f"grid:         {outputs.grid}")
+    print("\n".join(next_steps()))
     return 0
 
 

@@ -142,9 +142,15 @@ def get_spec(name: str) -> ModelSpec:
         if not rest:
             raise ModelError(f"model name {name!r} needs something after '{prefix}:'")
         return _PREFIX_FACTORIES[prefix](rest)
-    known = ", ".join(s.name for s in list_models())
+    import difflib
+
+    names = [s.name for s in list_models()]
+    close = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.6)
+    close = close or [n for n in names if name and n.startswith(name.lower())][:3]
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     prefixes = ", ".join(f"{p}:<name>" for p in sorted(_PREFIX_FACTORIES))
-    raise ModelError(f"unknown model {name!r}. Registered: {known}. Pass-through: {prefixes}")
+    raise ModelError(f"unknown model {name!r}; {hint}Registered: {', '.join(names)}. Pass-through: {prefixes} "
+                     "(`python -m helpers models` lists them)")
 
 
 class EmbeddingModel(nn.Module):

@@ -23,7 +23,9 @@
 # (`submissions/`), a metrics JSON (`results/`) and a query-versus-top-k grid (`visualizations/`).
 #
 # - **Fast mode** (`RETRIEVAL_FAST=1`, the default without a GPU): a small real split of `../shared/datasets`
-#   where present, else the embedded digits demo; runs on a CPU in well under a minute.
+#   where present, else the embedded digits demo; runs on a CPU in well under a minute. Its outputs go to a folder
+#   of their own (`$RETRIEVAL_OUTPUT_DIR`, else `retrieval-fast-outputs` in the temporary folder), never to the
+#   project's `results/`.
 # - **Full mode** (`RETRIEVAL_FAST=0`, the default with a GPU): your dataset in `DATA_DIR`
 #   (`training/<class>/*`, `test/query/*`, `test/gallery/*`, optional `test/ground_truth.json`).
 
@@ -52,26 +54,27 @@ SERVER_URL = ""
 
 # %%
 from helpers.metrics import format_metrics_table
-from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, notebook_data,
+from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, notebook_data, output_root,
                               save_outputs, show_image)
 from helpers.pipeline import run_retrieval
 
 FAST = fast_mode(FAST)
 DEVICE = choose_device(DEVICE)
 DATA = notebook_data(FAST, DATA_DIR)
+OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
 TAG = f"{'fast_' if FAST else ''}00_quickstart_{MODEL}"
-print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}")
+print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, outputs: {OUT}")
 
 # %% [markdown]
 # ## Retrieve, score, save
 # `run_retrieval` embeds the query and gallery images (L2-normalised), ranks the gallery by cosine similarity and
 # scores the rankings when `test/ground_truth.json` exists; `save_outputs` writes the submission, the metrics JSON
-# and the grid under the project root.
+# and the grid under the output root `OUT` (the project root in full mode).
 
 # %%
 run = run_retrieval(DATA, model=MODEL, weights=WEIGHTS, k=K, batch_size=BATCH_SIZE, device=DEVICE,
                     run_name=TAG)
-outputs = save_outputs(run)
+outputs = save_outputs(run, root=OUT)
 print(format_metrics_table(run.metrics))
 print(outputs)
 
@@ -83,7 +86,7 @@ show_image(outputs.grid)
 # Nothing is sent unless both `GROUP_NAME` and `SERVER_URL` are set in the parameters cell.
 
 # %%
-maybe_submit(outputs.submission, GROUP_NAME, SERVER_URL, data=DATA, k=K)
+maybe_submit(outputs.submission, GROUP_NAME, SERVER_URL, data=DATA, k=K, root=OUT)
 
 # %% [markdown]
 # ## Checks

@@ -58,13 +58,14 @@ SERVER_URL = ""
 from helpers.metrics import evaluate_rankings, format_metrics_table
 from helpers.models import load_model
 from helpers.notebook import (check_run_outputs, choose_device, class_text_queries, fast_mode, maybe_submit,
-                              notebook_data, project_root, save_outputs, show_image)
+                              notebook_data, output_root, save_outputs, show_image)
 from helpers.pipeline import run_retrieval
 from helpers.text import run_zero_shot, save_zero_shot, text_search
 
 FAST = fast_mode(FAST)
 DEVICE = choose_device(DEVICE)
 DATA = notebook_data(FAST, DATA_DIR, source="cifar10-test")
+OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
 WEIGHTS = "none" if FAST else "pretrained"
 TEMPLATES = "simple" if FAST else TEMPLATES
 TAG = f"{'fast_' if FAST else ''}01_{MODEL}_zero-shot"
@@ -78,7 +79,7 @@ print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, {model.name} ({WEIGHT
 
 # %%
 run = run_retrieval(DATA, model=model, k=K, batch_size=BATCH_SIZE, device=DEVICE, run_name=TAG)
-outputs = save_outputs(run)
+outputs = save_outputs(run, root=OUT)
 print(format_metrics_table(run.metrics))
 show_image(outputs.grid)
 
@@ -102,7 +103,7 @@ print(format_metrics_table(text_eval.metrics))
 
 # %%
 zero_shot = run_zero_shot(DATA, templates=TEMPLATES, model=model, batch_size=BATCH_SIZE, device=DEVICE)
-zero_shot_files = save_zero_shot(zero_shot, project_root() / "results" / "zero-shot" / TAG)
+zero_shot_files = save_zero_shot(zero_shot, OUT / "results" / "zero-shot" / TAG)
 print({key: value for key, value in (zero_shot.metrics or {}).items() if not isinstance(value, dict)})
 zero_shot.predictions_frame().head()
 
@@ -111,7 +112,7 @@ zero_shot.predictions_frame().head()
 # Nothing is sent unless both `GROUP_NAME` and `SERVER_URL` are set in the parameters cell.
 
 # %%
-maybe_submit(outputs.submission, GROUP_NAME, SERVER_URL, data=DATA, k=K)
+maybe_submit(outputs.submission, GROUP_NAME, SERVER_URL, data=DATA, k=K, root=OUT)
 
 # %% [markdown]
 # ## Checks

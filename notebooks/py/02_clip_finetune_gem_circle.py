@@ -62,9 +62,8 @@ SERVER_URL = ""
 # %%
 import pandas as pd
 
-from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame,
-                              notebook_data, output_paths, plot_side_by_side, project_root, save_outputs, show_image,
-                              weights_for)
+from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame, notebook_data,
+                              output_paths, output_root, plot_side_by_side, save_outputs, show_image, weights_for)
 from helpers.pipeline import run_retrieval
 from helpers.training import make_config, train
 from helpers.viz import save_figure
@@ -72,6 +71,7 @@ from helpers.viz import save_figure
 FAST = fast_mode(FAST)
 DEVICE = choose_device(DEVICE)
 DATA = notebook_data(FAST, DATA_DIR)
+OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
 MODEL, EPOCHS, TRAINABLE = (FAST_MODEL, FAST_EPOCHS, FAST_TRAINABLE) if FAST else (MODEL, EPOCHS, TRAINABLE)
 WEIGHTS = weights_for(MODEL, FAST)
 PREFIX = f"{'fast_' if FAST else ''}02_{MODEL}"
@@ -85,7 +85,7 @@ print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, {MODEL} ({WEIGHTS}), 
 runs, outputs = {}, {}
 runs["zero-shot"] = run_retrieval(DATA, model=MODEL, weights=WEIGHTS, k=K, batch_size=BATCH_SIZE, device=DEVICE,
                                   run_name=f"{PREFIX}_zero-shot", progress=False)
-outputs["zero-shot"] = save_outputs(runs["zero-shot"])
+outputs["zero-shot"] = save_outputs(runs["zero-shot"], root=OUT)
 runs["zero-shot"].metrics
 
 # %% [markdown]
@@ -95,7 +95,7 @@ runs["zero-shot"].metrics
 
 # %%
 config = make_config(RECIPE, data=str(DATA), model=MODEL, weights=WEIGHTS, trainable=TRAINABLE, epochs=EPOCHS,
-                     device=DEVICE, out=str(project_root() / "runs" / f"{PREFIX}_{RECIPE}"), progress=not FAST,
+                     device=DEVICE, out=str(OUT / "runs" / f"{PREFIX}_{RECIPE}"), progress=not FAST,
                      **OVERRIDES)
 result = train(config)
 print(f"{result.epochs_run} epoch(s) in {result.seconds:.0f} s, best epoch {result.best_epoch}: {result.best_path}")
@@ -111,7 +111,7 @@ pd.DataFrame(result.history)
 # %%
 runs["fine-tuned"] = run_retrieval(DATA, checkpoint=result.best_path, k=K, batch_size=BATCH_SIZE, device=DEVICE,
                                    run_name=f"{PREFIX}_{RECIPE}", progress=False)
-outputs["fine-tuned"] = save_outputs(runs["fine-tuned"])
+outputs["fine-tuned"] = save_outputs(runs["fine-tuned"], root=OUT)
 metrics_frame(runs)
 
 # %% [markdown]
@@ -120,7 +120,7 @@ metrics_frame(runs)
 # %%
 figure = plot_side_by_side({name: run.rankings for name, run in runs.items()}, DATA, queries=4,
                            scores={name: run.scores for name, run in runs.items()}, title=f"{MODEL}: {RECIPE}")
-side_by_side = save_figure(figure, output_paths(f"{PREFIX}_side-by-side")["grid"])
+side_by_side = save_figure(figure, output_paths(f"{PREFIX}_side-by-side", OUT)["grid"])
 show_image(side_by_side)
 
 # %% [markdown]
@@ -128,7 +128,7 @@ show_image(side_by_side)
 # Nothing is sent unless both `GROUP_NAME` and `SERVER_URL` are set in the parameters cell.
 
 # %%
-maybe_submit(outputs["fine-tuned"].submission, GROUP_NAME, SERVER_URL, data=DATA, k=K)
+maybe_submit(outputs["fine-tuned"].submission, GROUP_NAME, SERVER_URL, data=DATA, k=K, root=OUT)
 
 # %% [markdown]
 # ## Checks

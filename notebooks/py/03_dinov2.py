@@ -57,17 +57,18 @@ SERVER_URL = ""
 
 # %%
 from helpers.models import load_model
-from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame,
-                              notebook_data, runs_frame, save_outputs, show_image, weights_for)
+from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame, notebook_data,
+                              output_root, runs_frame, save_outputs, show_image, weights_for)
 from helpers.pipeline import run_retrieval
 from helpers.report import plot_metric_bars
 
 FAST = fast_mode(FAST)
 DEVICE = choose_device(DEVICE)
 DATA = notebook_data(FAST, DATA_DIR)
+OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
 PREFIX = "fast_03" if FAST else "03"
 COMMON = dict(k=K, batch_size=BATCH_SIZE, device=DEVICE, progress=False)
-print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}")
+print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, outputs: {OUT}")
 
 # %% [markdown]
 # ## Descriptors: model and pooling
@@ -79,7 +80,7 @@ for name, pool in FAST_RUNS if FAST else RUNS:
     tag = f"{PREFIX}_{name}_{pool}"
     models[tag] = load_model(name, weights=weights_for(name, FAST), device=DEVICE, pool=pool)
     runs[tag] = run_retrieval(DATA, model=models[tag], run_name=tag, **COMMON)
-    outputs[tag] = save_outputs(runs[tag])
+    outputs[tag] = save_outputs(runs[tag], root=OUT)
 metrics_frame(runs)
 
 # %% [markdown]
@@ -92,7 +93,7 @@ best_tag = max(runs, key=lambda tag: runs[tag].metrics["weighted_score"])
 for name, options in POSTPROCESSING.items():
     tag = f"{best_tag}_{name}"
     runs[tag] = run_retrieval(DATA, model=models[best_tag], run_name=tag, **options, **COMMON)
-    outputs[tag] = save_outputs(runs[tag])
+    outputs[tag] = save_outputs(runs[tag], root=OUT)
 metrics_frame(runs)
 
 # %%
@@ -111,7 +112,7 @@ show_image(outputs[best].grid)
 # Nothing is sent unless both `GROUP_NAME` and `SERVER_URL` are set in the parameters cell.
 
 # %%
-maybe_submit(outputs[best].submission, GROUP_NAME, SERVER_URL, data=DATA, k=K)
+maybe_submit(outputs[best].submission, GROUP_NAME, SERVER_URL, data=DATA, k=K, root=OUT)
 
 # %% [markdown]
 # ## Checks

@@ -52,16 +52,17 @@ GROUP_NAME = ""  # set both GROUP_NAME and SERVER_URL to submit the best run at 
 SERVER_URL = ""
 
 # %%
-from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame,
-                              notebook_data, runs_frame, save_outputs, show_image, weights_for)
+from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame, notebook_data,
+                              output_root, runs_frame, save_outputs, show_image, weights_for)
 from helpers.pipeline import run_retrieval
 from helpers.report import plot_metric_bars
 
 FAST = fast_mode(FAST)
 DEVICE = choose_device(DEVICE)
 DATA = notebook_data(FAST, DATA_DIR)
+OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
 PREFIX = "fast_05" if FAST else "05"
-print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}")
+print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, outputs: {OUT}")
 
 # %% [markdown]
 # ## One run per depth
@@ -73,7 +74,7 @@ for model in FAST_MODELS if FAST else MODELS:
     tag = f"{PREFIX}_{model}_{POOL}"
     runs[tag] = run_retrieval(DATA, model=model, weights=weights_for(model, FAST), k=K, batch_size=BATCH_SIZE,
                               device=DEVICE, model_options={"pool": POOL}, run_name=tag, progress=False)
-    outputs[tag] = save_outputs(runs[tag])
+    outputs[tag] = save_outputs(runs[tag], root=OUT)
 metrics_frame(runs)
 
 # %%
@@ -93,7 +94,7 @@ show_image(outputs[best].grid)
 # Nothing is sent unless both `GROUP_NAME` and `SERVER_URL` are set in the parameters cell.
 
 # %%
-maybe_submit(outputs[best].submission, GROUP_NAME, SERVER_URL, data=DATA, k=K)
+maybe_submit(outputs[best].submission, GROUP_NAME, SERVER_URL, data=DATA, k=K, root=OUT)
 
 # %% [markdown]
 # ## Checks

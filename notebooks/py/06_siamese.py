@@ -63,9 +63,9 @@ SERVER_URL = ""
 # %%
 import pandas as pd
 
-from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame,
-                              notebook_data, output_paths, plot_pair_similarities, plot_side_by_side, project_root,
-                              save_outputs, show_image, weights_for)
+from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame, notebook_data,
+                              output_paths, output_root, plot_pair_similarities, plot_side_by_side, save_outputs,
+                              show_image, weights_for)
 from helpers.pipeline import run_retrieval
 from helpers.training import make_config, train
 from helpers.viz import save_figure
@@ -73,6 +73,7 @@ from helpers.viz import save_figure
 FAST = fast_mode(FAST)
 DEVICE = choose_device(DEVICE)
 DATA = notebook_data(FAST, DATA_DIR, train_per_class=16)
+OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
 MODEL, EPOCHS, TRAINABLE = (FAST_MODEL, FAST_EPOCHS, FAST_TRAINABLE) if FAST else (MODEL, EPOCHS, TRAINABLE)
 WEIGHTS = weights_for(MODEL, FAST)
 PREFIX = f"{'fast_' if FAST else ''}06_{MODEL}"
@@ -85,7 +86,7 @@ print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, {MODEL} ({WEIGHTS}), 
 runs, outputs = {}, {}
 runs["untrained"] = run_retrieval(DATA, model=MODEL, weights=WEIGHTS, model_options={"pool": "gem"}, k=K,
                                   batch_size=BATCH_SIZE, device=DEVICE, run_name=f"{PREFIX}_gem", progress=False)
-outputs["untrained"] = save_outputs(runs["untrained"])
+outputs["untrained"] = save_outputs(runs["untrained"], root=OUT)
 runs["untrained"].metrics
 
 # %% [markdown]
@@ -94,7 +95,7 @@ runs["untrained"].metrics
 
 # %%
 config = make_config(RECIPE, data=str(DATA), model=MODEL, weights=WEIGHTS, trainable=TRAINABLE, epochs=EPOCHS,
-                     device=DEVICE, out=str(project_root() / "runs" / f"{PREFIX}_{RECIPE}"), progress=not FAST,
+                     device=DEVICE, out=str(OUT / "runs" / f"{PREFIX}_{RECIPE}"), progress=not FAST,
                      **OVERRIDES)
 result = train(config)
 print(f"{result.epochs_run} epoch(s) in {result.seconds:.0f} s, best epoch {result.best_epoch}: {result.best_path}")
@@ -106,7 +107,7 @@ pd.DataFrame(result.history)
 # %%
 runs["siamese"] = run_retrieval(DATA, checkpoint=result.best_path, k=K, batch_size=BATCH_SIZE, device=DEVICE,
                                 run_name=f"{PREFIX}_{RECIPE}", progress=False)
-outputs["siamese"] = save_outputs(runs["siamese"])
+outputs["siamese"] = save_outputs(runs["siamese"], root=OUT)
 metrics_frame(runs)
 
 # %% [markdown]
@@ -115,7 +116,7 @@ metrics_frame(runs)
 # (red). The AUC is the chance that a random same-class pair scores above a random different-class pair.
 
 # %%
-histograms = save_figure(plot_pair_similarities(runs), output_paths(f"{PREFIX}_pair-similarities")["grid"])
+histograms = save_figure(plot_pair_similarities(runs), output_paths(f"{PREFIX}_pair-similarities", OUT)["grid"])
 show_image(histograms, width=800)
 
 # %% [markdown]
@@ -124,7 +125,7 @@ show_image(histograms, width=800)
 # %%
 figure = plot_side_by_side({name: run.rankings for name, run in runs.items()}, DATA, queries=4,
                            scores={name: run.scores for name, run in runs.items()}, title=f"{MODEL}: {RECIPE}")
-side_by_side = save_figure(figure, output_paths(f"{PREFIX}_side-by-side")["grid"])
+side_by_side = save_figure(figure, output_paths(f"{PREFIX}_side-by-side", OUT)["grid"])
 show_image(side_by_side)
 
 # %% [markdown]
@@ -132,7 +133,7 @@ show_image(side_by_side)
 # Nothing is sent unless both `GROUP_NAME` and `SERVER_URL` are set in the parameters cell.
 
 # %%
-maybe_submit(outputs["siamese"].submission, GROUP_NAME, SERVER_URL, data=DATA, k=K)
+maybe_submit(outputs["siamese"].submission, GROUP_NAME, SERVER_URL, data=DATA, k=K, root=OUT)
 
 # %% [markdown]
 # ## Checks

@@ -25,7 +25,8 @@
 #
 # - **Fast mode** (`RETRIEVAL_FAST=1`, default without a GPU): first runs a few quick baselines on a small real
 #   Imagenette split (EfficientNet-Lite0 with offline weights, GAP and GeM, and a random ResNet-18) so that the
-#   comparison has runs on one dataset; the table holds every run in `results/`.
+#   comparison has runs on one dataset; the table holds every run in fast mode's own `results/` (never the
+#   project's).
 # - **Full mode** (`RETRIEVAL_FAST=0`, default with a GPU): aggregates what notebooks 00-06 (or the command line)
 #   wrote for your data; set `BASELINES` to add runs here.
 
@@ -44,7 +45,7 @@ if "google.colab" in sys.modules:
 # %% tags=["parameters"]
 FAST = None  # None: from RETRIEVAL_FAST (1 fast, 0 full; unset: fast unless a CUDA GPU is present)
 DATA_DIR = "data"  # full mode: the dataset whose runs are shown side by side
-RESULTS_DIR = "results"  # metrics JSONs, relative to the project root
+RESULTS_DIR = "results"  # metrics JSONs, relative to the output root (OUT below)
 BASELINES = []  # full mode: (model, pooling) pairs to run here first, e.g. [("efficientnet-b3", "gem")]
 FAST_BASELINES = [("efficientnet-lite0", "gap"), ("efficientnet-lite0", "gem"), ("resnet18", "gem")]
 SORT_BY = "weighted_score"  # weighted_score | map@10 | hit@1 | ...
@@ -57,8 +58,8 @@ DEVICE = "auto"
 # %%
 from helpers.data import load_retrieval_set
 from helpers.html_report import write_html_report
-from helpers.notebook import (best_runs_on, check_run_outputs, choose_device, fast_mode, notebook_data,
-                              output_paths, plot_side_by_side, project_root, save_outputs, show_image, weights_for)
+from helpers.notebook import (best_runs_on, check_run_outputs, choose_device, fast_mode, notebook_data, output_paths,
+                              output_root, plot_side_by_side, save_outputs, show_image, weights_for)
 from helpers.pipeline import run_retrieval
 from helpers.report import comparison_table, grouped_views, load_results, plot_metric_bars, write_report
 from helpers.submission import validate_submission
@@ -67,9 +68,10 @@ from helpers.viz import save_figure
 FAST = fast_mode(FAST)
 DEVICE = choose_device(DEVICE)
 DATA = notebook_data(FAST, DATA_DIR)
-RESULTS = project_root() / RESULTS_DIR
+OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
+RESULTS = OUT / RESULTS_DIR
 PREFIX = "fast_07" if FAST else "07"
-print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, results: {RESULTS}")
+print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, outputs: {OUT}, results: {RESULTS}")
 
 # %% [markdown]
 # ## Baselines on this dataset (fast mode, or `BASELINES` in full mode)
@@ -79,7 +81,7 @@ outputs = {}
 for model, pool in FAST_BASELINES if FAST else BASELINES:
     run = run_retrieval(DATA, model=model, weights=weights_for(model, FAST), model_options={"pool": pool}, k=K,
                         batch_size=BATCH_SIZE, device=DEVICE, run_name=f"{PREFIX}_{model}_{pool}", progress=False)
-    outputs[run.run_name] = save_outputs(run)
+    outputs[run.run_name] = save_outputs(run, root=OUT)
 list(outputs)
 
 # %% [markdown]
@@ -96,7 +98,7 @@ table[["run", "model", "dataset", "weights", "pooling", "finetuned", "rerank", "
 grouped_views(loaded.frame)["model"]
 
 # %%
-bars = save_figure(plot_metric_bars(loaded.frame, SORT_BY), output_paths(f"{PREFIX}_bars")["grid"])
+bars = save_figure(plot_metric_bars(loaded.frame, SORT_BY), output_paths(f"{PREFIX}_bars", OUT)["grid"])
 show_image(bars, width=700)
 
 # %% [markdown]
@@ -105,7 +107,7 @@ show_image(bars, width=700)
 # analysis per run (worst queries, per-class scores, confused classes) and the best two runs compared.
 
 # %%
-report = write_report(RESULTS, out_dir=project_root() / "visualizations" / f"{PREFIX}_report", images=not FAST)
+report = write_report(RESULTS, out_dir=OUT / "visualizations" / f"{PREFIX}_report", images=not FAST)
 print(f"{len(report.files)} files in {report.out_dir}; analysed: {len(report.analysed)} run(s)")
 
 # %% [markdown]
@@ -115,7 +117,7 @@ print(f"{len(report.files)} files in {report.out_dir}; analysed: {len(report.ana
 # %%
 best = best_runs_on(RESULTS, DATA, n=SIDE_BY_SIDE, sort_by=SORT_BY)
 figure = plot_side_by_side(best, DATA, queries=N_QUERIES, k=K, title=f"best {len(best)} runs by {SORT_BY}")
-side_by_side = save_figure(figure, output_paths(f"{PREFIX}_side-by-side")["grid"])
+side_by_side = save_figure(figure, output_paths(f"{PREFIX}_side-by-side", OUT)["grid"])
 show_image(side_by_side)
 
 # %% [markdown]
@@ -124,7 +126,7 @@ show_image(side_by_side)
 
 # %%
 best_name, dataset = next(iter(best)), load_retrieval_set(DATA)
-page = write_html_report(output_paths(f"{PREFIX}_best")["grid"].with_suffix(".html"), best[best_name],
+page = write_html_report(output_paths(f"{PREFIX}_best", OUT)["grid"].with_suffix(".html"), best[best_name],
                          dataset.query_dir, dataset.gallery_dir, ground_truth=dataset.ground_truth, title=best_name)
 print(page)
 
