@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TextIO
 
 from .submission import Rankings, SubmissionError, load_submission, validate_submission
+from .settings import output_dir
 
 DEFAULT_URL = "http://tatooine.disi.unitn.it:3001/retrieval/"
 URL_ENV = "RETRIEVAL_SERVER_URL"
-DEFAULT_LOG = Path("submissions") / "submit_log.jsonl"
+DEFAULT_LOG = output_dir("submissions") / "submit_log.jsonl"
 #: Longest answer text kept in the log and printed (characters).
 ANSWER_LIMIT = 500
 #: Most bytes read from an answer; a larger answer is cut (the course server answers a few dozen bytes).
@@ -490,7 +491,7 @@ def submit(
     log_path: str | os.PathLike | None = DEFAULT_LOG,
     echo: Callable[[str], None] | None = print,
     sleep: Callable[[float], None] = time.sleep,
-    saved_dir: str | os.PathLike = Path("submissions") / "sent",
+    saved_dir: str | os.PathLike = output_dir("submissions") / "sent",
     token: str | None = None,
     retry_after_timeout: bool = False,
 ) -> SubmitResult:

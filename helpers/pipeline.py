@@ -22,13 +22,14 @@ from .models import EmbeddingModel, load_model, resolve_device
 from .postprocess import RetrievalResults
 from .rerank import align_by_path, build_postprocess_chain
 from .run import RetrievalRun
+from .settings import output_dir
 from .submission import save_submission, scores_sidecar_path, write_scores
 
 logger = logging.getLogger(__name__)
 
-SUBMISSIONS_DIR = Path("submissions")
-RESULTS_DIR = Path("results")
-VISUALIZATIONS_DIR = Path("visualizations")
+SUBMISSIONS_DIR = output_dir("submissions")
+RESULTS_DIR = output_dir("results")
+VISUALIZATIONS_DIR = output_dir("visualizations")
 
 
 def default_run_name(data_root: str | os.PathLike, config: RetrievalConfig | Mapping[str, Any]) -> str:

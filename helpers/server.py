@@ -34,12 +34,13 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from .metrics import evaluate_rankings
 from .server_guard import ServerLimits
+from .settings import output_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3001
-DEFAULT_DB = Path("submissions") / "server.sqlite3"
+DEFAULT_DB = output_dir("submissions") / "server.sqlite3"
 #: Largest accepted body (bytes); the course client sends about 50 bytes per name.
 DEFAULT_MAX_BODY_BYTES = ServerLimits.max_body_bytes
 #: Most gallery names accepted for one query.

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .settings import output_dir
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_SHOW_DIR = "visualizations/show"
+DEFAULT_SHOW_DIR = str(output_dir("visualizations") / "show")
 DEFAULT_SHOWN = 8
 
 

@@ -26,9 +26,10 @@ import torch
 
 from .data import DataError, list_class_folder, load_retrieval_set, report_unlisted, scan_folder
 from .embedding import EmbeddingCache, EmbeddingResult, extract_embeddings, l2_normalize
-from .fileio import atomic_write
+from .fileio import atomic_write, slug
 from .metrics import build_metrics_record, write_metrics
 from .models import EmbeddingModel, ModelError, load_model, resolve_device
+from .settings import output_dir
 
 logger = logging.getLogger("helpers")
 
@@ -688,5 +689,4 @@ def save_zero_shot(run: ZeroShotRun, out_dir: str | os.PathLike) -> ZeroShotOutp
 def default_zero_shot_dir(data: str | os.PathLike, model: str, templates: str) -> Path:
     """``results/zero-shot/<dataset>_<model>_<templates>`` (file-name safe)."""
     template_tag = templates if templates in TEMPLATE_SETS else Path(templates).stem
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{Path(data).resolve().name}_{model}_{template_tag}").strip("-")
-    return Path("results") / "zero-shot" / slug
+    return output_dir("results") / "zero-shot" / slug(f"{Path(data).resolve().name}_{model}_{template_tag}")

@@ -9,8 +9,9 @@ from pathlib import Path
 from .common import add_data, positive_int
 
 from ..show import DEFAULT_SHOW_DIR, DEFAULT_SHOWN
+from ..settings import output_dir
 
-DEFAULT_REPORT_DIR = "visualizations/report"
+DEFAULT_REPORT_DIR = str(output_dir("visualizations") / "report")
 
 
 def _queries_arg(text: str) -> int | None:
@@ -30,7 +31,7 @@ def register(subparsers) -> None:
                     "finetuning/options.csv, bar_weighted_score/hit1/map10.png, failures_<run>_*.csv (and a PNG of "
                     "the worst queries) where a run's submission and ground truth are found, compare_<a>__vs__<b>.csv "
                     "(and .png) for the best two runs on the same queries, and report.md with all of it.")
-    p.add_argument("--results", default="results", metavar="DIR",
+    p.add_argument("--results", default=str(output_dir("results")), metavar="DIR",
                    help="folder of metrics JSON files, searched recursively (default: %(default)s)")
     p.add_argument("--out", default=DEFAULT_REPORT_DIR, metavar="DIR",
                    help="output folder, files written directly into it (default: %(default)s)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..fileio import slug
+from ..settings import output_dir
 from .common import add_k, add_model
 
 
@@ -82,8 +84,8 @@ def cmd_text_search(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
     else:
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"text-search_{Path(args.data).resolve().name}_{result.model_name}")
-        out = Path("submissions") / f"{slug.strip('-')}.json"
+        name = slug(f"text-search_{Path(args.data).resolve().name}_{result.model_name}")
+        out = output_dir("submissions") / f"{name}.json"
     save_submission(out, result.rankings, fmt="dict")
     gallery = result.gallery
     print(f"{len(result.rankings)} text queries x {len(gallery.paths)} images with {result.model_name}; "
