@@ -24,7 +24,7 @@ import numpy as np
 from .fileio import write_bytes, write_json
 from .search import check_finite, check_k, cosine_topk
 
-logger = logging.getLogger("helpers")
+logger = logging.getLogger(__name__)
 
 INDEX_CHOICES = ("exact", "flat", "hnsw", "ivf", "auto")
 #: ``auto``: exact search up to this many gallery vectors (a brute-force pass over 100k x 1k-d is well under a

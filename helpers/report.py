@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     from matplotlib.figure import Figure
 
-logger = logging.getLogger("helpers")
+logger = logging.getLogger(__name__)
 
 #: Metrics drawn as bar charts by :func:`write_report`.
 PLOT_METRICS = ("weighted_score", "hit@1", "map@10")

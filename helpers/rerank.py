@@ -25,7 +25,7 @@ from .embedding import l2_normalize
 from .postprocess import PostprocessChain, PostProcessor, RetrievalResults
 from .search import check_finite, check_k, cosine_topk, topk_from_scores
 
-logger = logging.getLogger("helpers")
+logger = logging.getLogger(__name__)
 
 #: Options of :func:`rank_gallery` as a run config records them, with their defaults (from
 #: :class:`helpers.config.RetrievalConfig`, the only place that holds them).

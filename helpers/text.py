@@ -31,7 +31,7 @@ from .metrics import build_metrics_record, write_metrics
 from .models import EmbeddingModel, ModelError, load_model, resolve_device
 from .settings import output_dir
 
-logger = logging.getLogger("helpers")
+logger = logging.getLogger(__name__)
 
 #: The model text verbs use when none is named.
 DEFAULT_TEXT_MODEL = "clip-vit-b32"
