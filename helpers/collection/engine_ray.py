@@ -20,6 +20,8 @@ MISSING_RAY = ("--engine ray needs Ray Data, an optional extra: pip install 'hel
                "(or pip install 'ray[data]')")
 
 
+#: Tries at starting a local Ray.
+START_ATTEMPTS = 3
 #: CPUs a decoding task asks Ray for.
 DECODE_CPUS = 0.5
 
@@ -45,16 +47,32 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     ray = require_ray()
     owned = not ray.is_initialized()
     if owned:
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False)
+        _start(ray, address, num_cpus)
     try:
         yield ray
     finally:
         if owned:
             ray.shutdown()
+
+
+def _start(ray, address: str | None, num_cpus: int | None, attempts: int = START_ATTEMPTS) -> None:
+    """``ray.init``; a local start is retried: Ray gives its processes a fixed 30 s to come up, which a busy
+    machine can miss."""
+    for attempt in range(1, attempts + 1):
+        try:
+            if address:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            else:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                         log_to_driver=False)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its processes start late
+            ray.shutdown()
+            if address or attempt == attempts:
+                where = f"the Ray cluster at {address}" if address else "a local Ray"
+                raise EngineError(f"cannot start or reach {where} ({exc})") from None
+            logger.warning("a local Ray did not start in time (%s); trying again (%d/%d)", exc, attempt + 1,
+                           attempts)
 
 
 def _decode(files: Sequence[str], transform, input_size: int) -> tuple[np.ndarray, np.ndarray]:
