@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from pathlib import Path
@@ -88,12 +89,17 @@ def _options(args: argparse.Namespace):
                          progress=not args.quiet)
 
 
-def _interruptible() -> None:
-    """SIGTERM ends the command like Ctrl-C, so that a Ray it started is shut down."""
+@contextlib.contextmanager
+def _interruptible():
+    """While the command runs, SIGTERM ends it like Ctrl-C, so that a Ray it started is shut down."""
     def stop(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _report(result, verb: str) -> int:
@@ -112,19 +118,20 @@ def _report(result, verb: str) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from ..collection import build_collection
 
-    _interruptible()
-    result = build_collection(args.out, images=args.images, list_file=args.list, model=args.model,
-                              weights=args.weights, model_options=model_options(args), shard_size=args.shard_size,
-                              max_index_memory=args.max_index_memory or "4GB", options=_options(args))
+    with _interruptible():
+        result = build_collection(args.out, images=args.images, list_file=args.list, model=args.model,
+                                  weights=args.weights, model_options=model_options(args),
+                                  shard_size=args.shard_size, max_index_memory=args.max_index_memory or "4GB",
+                                  options=_options(args))
     return _report(result, "index build")
 
 
 def cmd_add(args: argparse.Namespace) -> int:
     from ..collection import add_to_collection
 
-    _interruptible()
-    result = add_to_collection(args.index, images=args.images, list_file=args.list,
-                               max_index_memory=args.max_index_memory, options=_options(args))
+    with _interruptible():
+        result = add_to_collection(args.index, images=args.images, list_file=args.list,
+                                   max_index_memory=args.max_index_memory, options=_options(args))
     return _report(result, "index add")
 
 
