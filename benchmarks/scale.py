@@ -34,6 +34,7 @@ def parse_args(argv):
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--max-index-memory", default="1GB")
     p.add_argument("--skip-engines", action="store_true", help="part 2 only (embeddings from --embeddings)")
+    p.add_argument("--skip-indexes", action="store_true", help="part 1 only")
     p.add_argument("--embeddings", help="a .npy of real embeddings to fit the mixture to (default: part 1's)")
     p.add_argument("--out", help="also write the figures as JSON here")
     return p.parse_args(argv)
@@ -148,7 +149,8 @@ def main(argv) -> int:
             figures["engines"], real = engines(args, Path(tmp))
         if args.embeddings and not args.skip_engines:
             np.save(args.embeddings, real)
-        figures["indexes"] = indexes(args, real)
+        if not args.skip_indexes:
+            figures["indexes"] = indexes(args, real)
     figures["load_after"] = os.getloadavg()
     print(f"# load average before {figures['load_before']}, after {figures['load_after']}")
     if args.out:
