@@ -13,6 +13,7 @@ from typing import Sequence
 
 VERB_MODULES = [
     "helpers.cli.core",
+    "helpers.cli.index",
     "helpers.cli.report",
     "helpers.cli.serve",
     "helpers.cli.text",
