@@ -30,13 +30,12 @@ def static_text(name: str) -> str:
     return resources.files("helpers.app").joinpath("static", name).read_text(encoding="utf-8")
 
 
-def limited_request(request, limit: int):
-    """``request`` whose body is refused (AppError 413) as soon as more than ``limit`` bytes arrive, before any
-    parser buffers it; a ``Content-Length`` over the limit is refused before reading."""
+def limited_request(request, limit: int, too_large: str = "the request is too large"):
+    """``request`` whose body is refused (AppError 413 with the message ``too_large``) as soon as more than
+    ``limit`` bytes arrive, before any parser buffers it; a ``Content-Length`` over the limit is refused at once."""
     from starlette.requests import Request
 
     declared = request.headers.get("content-length", "")
-    too_large = f"the request is over the limit of {limit / 2**20:.1f} MB"
     if declared.isdigit() and int(declared) > limit:
         raise AppError(413, too_large)
     received = 0
@@ -53,6 +52,10 @@ def limited_request(request, limit: int):
     return Request(request.scope, receive)
 
 
+def _too_large(max_bytes: int) -> str:
+    return f"the image is over the upload limit of {max_bytes / 2**20:g} MB"
+
+
 async def _save_upload(upload, max_bytes: int, folder: str) -> str:
     """Copy the uploaded file into ``folder`` in chunks, refusing it (413) past ``max_bytes``; returns its path."""
     path = os.path.join(folder, "upload")
@@ -61,7 +64,7 @@ async def _save_upload(upload, max_bytes: int, folder: str) -> str:
         while chunk := await upload.read(1 << 20):
             size += len(chunk)
             if size > max_bytes:
-                raise AppError(413, f"the image is over the limit of {max_bytes / 2**20:.1f} MB (--max-upload-mb)")
+                raise AppError(413, _too_large(max_bytes))
             out.write(chunk)
     if size == 0:
         raise AppError(400, "the uploaded file is empty (0 bytes)")
@@ -72,7 +75,8 @@ async def _search_upload(service: SearchService, request, max_bytes: int) -> dic
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
 
-    form = await limited_request(request, max_bytes + MULTIPART_SLACK).form(max_files=1, max_fields=8)
+    limited = limited_request(request, max_bytes + MULTIPART_SLACK, _too_large(max_bytes))
+    form = await limited.form(max_files=1, max_fields=8)
     try:
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
@@ -92,7 +96,8 @@ async def _search_json(service: SearchService, request) -> dict[str, Any]:
 
     from starlette.concurrency import run_in_threadpool
 
-    body = await limited_request(request, MAX_JSON_BYTES).body()
+    too_large = f"a JSON query is at most {MAX_JSON_BYTES} bytes"
+    body = await limited_request(request, MAX_JSON_BYTES, too_large).body()
     try:
         query = json.loads(body or b"null")
     except ValueError:
