@@ -316,7 +316,18 @@ def _wait_results(page, count: int, first_name: str | None = None) -> None:
         "([n, name]) => { const imgs = document.querySelectorAll('#results img');"
         " return imgs.length === n && (name === null || imgs[0].alt === name)"
         " && [...imgs].every(i => i.complete && i.naturalWidth > 0); }",
-        arg=[count, first_name], timeout=30_000)
+        arg=[count, first_name], timeout=60_000)
+
+
+#: Drops or pastes the full image of a row on the page, as a user dragging a file in or pressing Ctrl+V would.
+HAND_OVER_JS = """async ([row, how]) => {
+  const blob = await (await fetch(`/image/${row}`)).blob();
+  const data = new DataTransfer();
+  data.items.add(new File([blob], `handed-${row}.jpg`, {type: blob.type}));
+  const init = {bubbles: true, cancelable: true};
+  document.body.dispatchEvent(how === "drop" ? new DragEvent("drop", {...init, dataTransfer: data})
+                                             : new ClipboardEvent("paste", {...init, clipboardData: data}));
+}"""
 
 
 def test_page_upload_click_and_error(browser, lite0_app, tmp_path):
@@ -342,6 +353,14 @@ def test_page_upload_click_and_error(browser, lite0_app, tmp_path):
         assert page.locator("#viewer-image").evaluate("i => i.src").endswith("/image/" + str(
             service.index.names.index(page.locator("#results img").nth(1).get_attribute("alt"))))
         page.keyboard.press("Escape")
+        page.wait_for_function("document.activeElement.dataset.index === '1'")  # focus back on the card
+        page.keyboard.press("ArrowRight")  # back on the second result: Enter searches by it
+        second = page.locator("#results img").nth(2).get_attribute("alt")
+        page.keyboard.press("Enter")
+        _wait_results(page, 12, second)
+        for row, how in ((11, "drop"), (23, "paste")):
+            page.evaluate(HAND_OVER_JS, [row, how])
+            _wait_results(page, 12, service.index.names[row])
         text = tmp_path / "notes.txt"
         text.write_text("plain text")
         page.set_input_files("#query-file", str(text))

@@ -112,7 +112,7 @@ async function runQuery(query) {
 function card(result, position) {
   const item = document.createElement("li");
   item.className = "card";
-  item.tabIndex = -1;
+  item.tabIndex = 0;
   item.dataset.index = String(position);
   const image = document.createElement("img");
   image.src = result.thumb;
@@ -180,8 +180,12 @@ function openViewer(position) {
 function closeViewer() {
   const dialog = $("viewer");
   if (dialog.open) dialog.close();
-  if (state.viewing >= 0) select(state.viewing);
+}
+
+function onViewerClosed() {
+  const position = state.viewing;
   state.viewing = -1;
+  if (position >= 0) select(position);
 }
 
 function columns() {
@@ -195,7 +199,9 @@ function columns() {
 
 function onKey(event) {
   const dialog = $("viewer");
-  const typing = ["INPUT", "TEXTAREA"].includes(document.activeElement.tagName);
+  const active = document.activeElement.tagName;
+  const typing = ["INPUT", "TEXTAREA"].includes(active);
+  const pressing = active === "BUTTON" && (event.key === "Enter" || event.key === " ");
   if (dialog.open) {
     if (event.key === "ArrowRight") openViewer(Math.min(state.results.length - 1, state.viewing + 1));
     else if (event.key === "ArrowLeft") openViewer(Math.max(0, state.viewing - 1));
@@ -204,7 +210,7 @@ function onKey(event) {
     event.preventDefault();
     return;
   }
-  if (typing) return;
+  if (typing || pressing) return;
   const moves = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: columns(), ArrowUp: -columns() };
   if (event.key in moves) {
     select(state.selected < 0 ? 0 : state.selected + moves[event.key]);
@@ -221,7 +227,7 @@ function onKey(event) {
 }
 
 function imageFrom(items) {
-  for (const item of items || []) {
+  for (const item of Array.from(items || [])) {
     const file = item instanceof File ? item : (item.kind === "file" ? item.getAsFile() : null);
     if (file) return file;
   }
@@ -266,7 +272,7 @@ function wireInputs() {
   $("viewer-prev").addEventListener("click", () => openViewer(Math.max(0, state.viewing - 1)));
   $("viewer-next").addEventListener("click",
     () => openViewer(Math.min(state.results.length - 1, state.viewing + 1)));
-  $("viewer").addEventListener("close", () => { state.viewing = -1; });
+  $("viewer").addEventListener("close", onViewerClosed);
 }
 
 async function loadInfo() {
