@@ -31,6 +31,9 @@ NPROBE_STEPS = (8, 16, 32, 64, 128, 256)
 #: Candidates an IVF-PQ search re-scores exactly per query: max(RESCORE_FACTOR * k, RESCORE_MIN).
 RESCORE_FACTOR, RESCORE_MIN = 10, 100
 RECALL_TARGET = 0.95
+#: OPQ rotation training (Ge et al., CVPR 2013): 10 alternations on up to 32,768 vectors (FAISS's defaults are 50 on
+#: 65,536; the rotation converges early, and the re-scoring hides the rest of the quantisation error).
+OPQ_NITER, OPQ_TRAIN_POINTS = 10, 32768
 RECALL_QUERIES = 1000
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
@@ -104,6 +107,9 @@ def build_faiss(plan: IndexPlan, vectors: ShardVectors, seed: int = 0):
         p = plan.params
         index = faiss.index_factory(d, f"OPQ{p['opq']},IVF{p['nlist']},PQ{p['pq_m']}x{p['pq_bits']}",
                                     faiss.METRIC_INNER_PRODUCT)
+        opq = faiss.downcast_VectorTransform(index.chain.at(0))
+        opq.niter = int(p.get("opq_niter", OPQ_NITER))
+        opq.max_train_points = OPQ_TRAIN_POINTS
         rng = np.random.default_rng(seed)
         n_train = min(len(vectors), max(64 * p["nlist"], 65536))
         sample = np.sort(rng.choice(len(vectors), size=n_train, replace=False))
