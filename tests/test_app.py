@@ -241,6 +241,28 @@ def test_thumbnails_and_full_images_by_row_id_only(client, lite0_app):
         assert 400 <= response.status_code < 500 and "error" in response.json(), url
 
 
+def test_rows_find_their_files_across_several_folders(image_dir, tmp_path):
+    """A collection of two folders (names prefixed by the folder): every row id serves its own file."""
+    from fastapi.testclient import TestClient
+
+    from helpers.app import create_app
+    from helpers.collection import EngineOptions, build_collection
+
+    folders = [tmp_path / "a" / "photos", tmp_path / "b" / "photos"]
+    for i, folder in enumerate(folders):
+        (folder / "sub").mkdir(parents=True)
+        for file in sorted(image_dir.iterdir())[3 * i:3 * i + 3]:
+            shutil.copy(file, folder / "sub" / file.name)
+    build_collection(tmp_path / "index", images=folders, model="efficientnet-lite0",
+                     options=EngineOptions(device="cpu", progress=False))
+    app = create_app(tmp_path / "index", device="cpu")
+    client, names = TestClient(app), app.state.service.index.names
+    assert len(names) == 6 and len({name.split("/")[0] for name in names}) == 2
+    for row, name in enumerate(names):
+        folder = folders[0] if name.startswith("photos/") else folders[1]
+        assert client.get(f"/image/{row}").content == (folder / name.split("/", 1)[1]).read_bytes()
+
+
 def test_thumbnail_cache_is_bounded(lite0_app):
     from helpers.app.thumbs import ThumbnailCache
 
