@@ -221,7 +221,8 @@ def test_more_like_this_by_id(client, lite0_app):
     results = client.post("/api/search", json={"id": 9, "k": 4}).json()["results"]
     assert [r["rank"] for r in results] == [1, 2, 3, 4] and results[0]["id"] == 9 and results[0]["name"] == names[9]
     assert client.post("/api/search", json={"id": N_IMAGES}).status_code == 404
-    for bad in ({"id": "../x"}, {"id": -1}, {"id": True}, {"text": "a", "id": 1}, {}, [1]):
+    for bad in ({"id": "../x"}, {"id": -1}, {"id": True}, {"id": 2.0}, {"id": "\u00b2"}, {"id": "9" * 5000},
+                {"text": "a", "id": 1}, {}, [1]):
         response = client.post("/api/search", json=bad)
         assert response.status_code == 400 and response.json()["error"], bad
     assert client.post("/api/search", content=b"{oops", headers={"content-type": "application/json"}
@@ -236,7 +237,8 @@ def test_thumbnails_and_full_images_by_row_id_only(client, lite0_app):
     assert max(thumb.size) <= 256
     assert client.get("/image/4").content == service.files[4].read_bytes()
     for url in (f"/thumb/{N_IMAGES}", "/thumb/-1", "/thumb/abc", "/thumb/../../etc/passwd",
-                "/thumb/..%2F..%2Fetc%2Fpasswd", "/thumb/%2Fetc%2Fpasswd", "/image/99999", "/static/../web.py"):
+                "/thumb/..%2F..%2Fetc%2Fpasswd", "/thumb/%2Fetc%2Fpasswd", "/image/99999", "/static/../web.py",
+                "/thumb/%C2%B2", "/image/" + "9" * 5000, "/image/1e3"):
         response = client.get(url)
         assert 400 <= response.status_code < 500 and "error" in response.json(), url
 

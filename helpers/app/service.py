@@ -81,6 +81,15 @@ def parse_k(value: Any, max_k: int, default: int = DEFAULT_K) -> int:
     return k
 
 
+def parse_row(value: Any, count: int) -> int:
+    """A row id from a request (a whole number or its ASCII digits); AppError 400 for anything else. Whether the
+    collection has that row is checked by :meth:`SearchService.file` (404)."""
+    text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise AppError(400, f"an image id is a row number from 0 to {count - 1}, got {str(value)[:40]!r}")
+    return int(text)
+
+
 class SearchService:
     """A collection opened for the search page: its model loaded once, queries serialised through one lock."""
 
@@ -160,11 +169,8 @@ class SearchService:
             raise AppError(400, str(exc)) from None
         return self._rank(vector, k, started)
 
-    def search_id(self, row: Any, k: int) -> Answer:
-        """"More like this": rank for the stored embedding of row ``row``."""
-        if isinstance(row, bool) or not isinstance(row, (int, str)) or not str(row).strip().isdigit():
-            raise AppError(400, f"id must be a row number from 0 to {len(self) - 1}, got {str(row)[:40]!r}")
-        row = int(str(row).strip())
+    def search_id(self, row: int, k: int) -> Answer:
+        """"More like this": rank for the stored embedding of row ``row`` (AppError 404 for an unknown row)."""
         self.file(row)
         started = time.perf_counter()
         return self._rank(self.index.vectors.take(np.array([row])), k, started)
@@ -186,4 +192,5 @@ def search_service(index, **kwargs: Any) -> SearchService:
     return SearchService(index, **kwargs)
 
 
-__all__: Sequence[str] = ["AppError", "Answer", "Hit", "SearchService", "parse_k", "row_files", "search_service"]
+__all__: Sequence[str] = ["AppError", "Answer", "Hit", "SearchService", "parse_k", "parse_row", "row_files",
+                          "search_service"]

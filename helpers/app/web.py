@@ -12,7 +12,7 @@ import tempfile
 from importlib import resources
 from typing import Any
 
-from .service import DEFAULT_MAX_K, AppError, SearchService, parse_k, search_service
+from .service import DEFAULT_MAX_K, AppError, SearchService, parse_k, parse_row, search_service
 from .thumbs import DEFAULT_CACHE_BYTES, DEFAULT_THUMB_SIZE, ThumbnailCache, full_image
 
 logger = logging.getLogger(__name__)
@@ -108,15 +108,9 @@ async def _search_json(service: SearchService, request) -> dict[str, Any]:
     if "text" in query:
         answer = await run_in_threadpool(service.search_text, query["text"], k)
         return service.results_json(answer, {"kind": "text", "text": query["text"]}, k)
-    answer = await run_in_threadpool(service.search_id, query["id"], k)
-    return service.results_json(answer, {"kind": "id", "id": int(query["id"]),
-                                         "name": service.index.names[int(query["id"])]}, k)
-
-
-def _row(text: str, service: SearchService) -> int:
-    if not text.isdigit():
-        raise AppError(400, f"an image id is a row number from 0 to {len(service) - 1}, got {text[:40]!r}")
-    return int(text)
+    row = parse_row(query["id"], len(service))
+    answer = await run_in_threadpool(service.search_id, row, k)
+    return service.results_json(answer, {"kind": "id", "id": row, "name": service.index.names[row]}, k)
 
 
 def _add_error_handlers(app) -> None:
@@ -171,15 +165,16 @@ def _add_image_routes(app, service: SearchService, thumbs: ThumbnailCache) -> No
 
     @app.get("/thumb/{row}")
     def thumbnail(row: str):
-        path = service.file(_row(row, service))
+        number = parse_row(row, len(service))
+        path = service.file(number)
         try:
-            return Response(thumbs.get(int(row), path), media_type="image/jpeg", headers=cache_headers)
+            return Response(thumbs.get(number, path), media_type="image/jpeg", headers=cache_headers)
         except ImageLoadError as exc:
             raise AppError(404, f"image {row} is no longer readable: {exc.reason}") from None
 
     @app.get("/image/{row}")
     def image(row: str):
-        path = service.file(_row(row, service))
+        path = service.file(parse_row(row, len(service)))
         if not path.is_file():
             raise AppError(404, f"image {row} is no longer on disk")
         try:
