@@ -10,6 +10,7 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -292,7 +293,9 @@ def test_an_internal_failure_is_a_json_500(lite0_index, monkeypatch):
 def test_the_page_is_self_contained_with_stable_hooks(client, clip_app):
     from fastapi.testclient import TestClient
 
-    page = client.get("/").text
+    response = client.get("/")
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    page = response.text
     assert '<input type="file" id="query-file"' in page and 'id="results"' in page and 'id="query-text"' in page
     assert 'id="text-form" hidden' in page  # no text encoder: the text box is hidden
     assert 'id="text-form" hidden' not in TestClient(clip_app).get("/").text
@@ -335,6 +338,17 @@ def _screenshot(page, tmp_path: Path, name: str) -> None:
         shutil.copy(tmp_path / name, Path(folder) / name)
 
 
+def _watch(page) -> list[str]:
+    """Script errors, console errors (a blocked resource included) and failed responses of ``page``, as they come."""
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
+    page.on("console", lambda message: message.type == "error" and not message.text.startswith(
+        "Failed to load resource: the server responded with a status of 400") and problems.append(message.text))
+    page.on("response", lambda response: response.status >= 400 and problems.append(
+        f"{response.status} {urlsplit(response.url).path}"))
+    return problems
+
+
 def _wait_results(page, count: int, first_name: str | None = None) -> None:
     page.wait_for_function(
         "([n, name]) => { const imgs = document.querySelectorAll('#results img');"
@@ -360,6 +374,7 @@ def test_page_upload_click_and_error(browser, lite0_app, tmp_path):
     service = lite0_app.state.service
     with background_server(lite0_app) as server:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        problems = _watch(page)
         page.goto(server.url + "/")
         assert page.locator("#query-text").is_hidden()
         page.set_input_files("#query-file", str(service.files[5]))
@@ -391,6 +406,7 @@ def test_page_upload_click_and_error(browser, lite0_app, tmp_path):
         page.wait_for_selector("#error:not([hidden])")
         assert "not a usable image" in page.locator("#error").inner_text()
         page.close()
+    assert problems == ["400 /api/search"]  # the text file, and nothing else
 
 
 def test_page_text_query_and_phone_width(browser, clip_app, tmp_path):
@@ -399,6 +415,7 @@ def test_page_text_query_and_phone_width(browser, clip_app, tmp_path):
     service = clip_app.state.service
     with background_server(clip_app) as server:
         page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=1)
+        problems = _watch(page)
         page.goto(server.url + "/")
         page.fill("#k", "6")
         page.fill("#query-text", "a dog playing in the snow")
@@ -409,3 +426,4 @@ def test_page_text_query_and_phone_width(browser, clip_app, tmp_path):
         assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
         _screenshot(page, tmp_path, "search-page-phone.png")
         page.close()
+    assert problems == []

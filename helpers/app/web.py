@@ -22,6 +22,9 @@ DEFAULT_MAX_UPLOAD_MB = 20.0
 MULTIPART_SLACK = 64 * 1024
 #: A JSON query (a text or an id) is small.
 MAX_JSON_BYTES = 64 * 1024
+#: The page may load nothing from elsewhere: its script, style and images come from the app (blob: is the preview
+#: of the user's own query image).
+PAGE_POLICY = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; form-action 'none'"
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 
 
@@ -146,7 +149,7 @@ def _add_page_routes(app, service: SearchService, max_upload_mb: float) -> None:
 
     @app.get("/", response_class=HTMLResponse)
     def index_page():
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
     @app.get("/static/{name}")
     def static_file(name: str):

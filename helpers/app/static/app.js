@@ -177,15 +177,18 @@ function openViewer(position) {
   if (!dialog.open) dialog.showModal();
 }
 
+// Closing hands the focus back to the viewed result at once (Escape, the Close button, "more like this"); the
+// dialog's own close event only does it where the browser closed the dialog by itself.
 function closeViewer() {
+  const position = state.viewing;
+  state.viewing = -1;
   const dialog = $("viewer");
   if (dialog.open) dialog.close();
+  if (position >= 0) select(position);
 }
 
 function onViewerClosed() {
-  const position = state.viewing;
-  state.viewing = -1;
-  if (position >= 0) select(position);
+  if (state.viewing >= 0) closeViewer();
 }
 
 function columns() {
@@ -206,6 +209,7 @@ function onKey(event) {
     if (event.key === "ArrowRight") openViewer(Math.min(state.results.length - 1, state.viewing + 1));
     else if (event.key === "ArrowLeft") openViewer(Math.max(0, state.viewing - 1));
     else if (event.key === "Enter") moreLikeThis(state.viewing);
+    else if (event.key === "Escape") closeViewer();
     else return;
     event.preventDefault();
     return;
