@@ -21,6 +21,8 @@ from tests.conftest import SHARED_DATASETS
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart", reason="python-multipart (the server extra) is needed for uploads")
 
+pytestmark = pytest.mark.slow  # two small collections are embedded once for the module (about 30 s on 2 cores)
+
 N_IMAGES = 30
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
