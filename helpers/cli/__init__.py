@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 VERB_MODULES = [
+    "helpers.cli.app",
     "helpers.cli.core",
     "helpers.cli.index",
     "helpers.cli.report",
