@@ -113,6 +113,9 @@ class RetrievalConfig:
     k2: int = _opt(6, "re-ranking k2: neighbours of the local query expansion", type=int, metavar="K2")
     lambda_value: float = _opt(0.3, "re-ranking weight of the original distance, 0 to 1", flag="--lambda",
                                key="lambda", type=float, metavar="LAMBDA")
+    index_dir: str | None = _opt(None, "rank the queries against a collection index built by `index build` over the "
+                                 "gallery folder (its own model; the gallery is not embedded again)",
+                                 metavar="INDEX_DIR")
     out: str | None = _opt(None, "submission path (default: submissions/<run>.json)", metavar="FILE")
     format: str = _opt("dict", "submission format", choices=FORMAT_CHOICES)
     metrics_out: str | None = _opt(None, "metrics JSON path (default: results/<run>.json)", metavar="FILE")
@@ -173,6 +176,8 @@ class RetrievalConfig:
             options.update(text_modifier=self.text_modifier, text_weight=self.text_weight)
         options.update(self.postprocess_options())
         options["format"] = self.format
+        if self.index_dir:
+            options["index_dir"] = Path(str(self.index_dir)).name
         return options
 
     def run_name_for(self, dataset: str | os.PathLike | None = None) -> str:

@@ -202,6 +202,29 @@ def test_retrieve_with_index_ranks_a_competition_against_a_prebuilt_gallery(loca
     assert all(len(names) == 10 and len(set(names)) == 10 for names in run.rankings.values())
 
 
+def test_retrieve_index_dir_writes_the_submission_scores_and_metrics(local_build, photos, tmp_path, capsys):
+    from helpers.cli import main
+    from helpers.submission import load_scores, load_submission, scores_sidecar_path
+
+    files = sorted(photos.rglob("*.JPEG"))[::4]
+    (tmp_path / "test" / "query").mkdir(parents=True)
+    for file in files:
+        shutil.copy(file, tmp_path / "test" / "query" / file.name)
+    truth = {f.name: [f.relative_to(photos).as_posix()] for f in files}
+    (tmp_path / "test" / "ground_truth.json").write_text(json.dumps(truth))
+    out, metrics = tmp_path / "sub.json", tmp_path / "metrics.json"
+    assert main(["retrieve", "--data", str(tmp_path), "--index-dir", str(local_build), "--k", "5", "--out", str(out),
+                 "--metrics-out", str(metrics), "--quiet"]) == 0
+    rankings = load_submission(out)
+    assert {q: names[0] for q, names in rankings.items()} == {q: names[0] for q, names in truth.items()}
+    assert all(len(names) == 5 for names in rankings.values())
+    scores = load_scores(scores_sidecar_path(out))
+    assert all(s[0] >= s[-1] for s in scores.values())
+    record = json.loads(metrics.read_text())
+    assert record["metrics"]["hit@1"] == 1.0 and record["config"]["index_dir"] == str(local_build)
+    assert "submission:" in capsys.readouterr().out
+
+
 def test_killed_build_resumes_without_recomputing_finished_shards(photos, tmp_path):
     out = tmp_path / "index"
     process = cli("index", "build", "--images", str(photos), "--out", str(out), "--shard-size", "2",

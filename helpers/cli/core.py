@@ -83,7 +83,10 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     from ..metrics import format_metrics_table
     from ..pipeline import run_retrieval, save_run
 
-    run = run_retrieval(config=retrieve_config(args))
+    config = retrieve_config(args)
+    if config.index_dir:
+        return _retrieve_with_index(config)
+    run = run_retrieval(config=config)
     outputs = save_run(run)
     skipped = len(run.query.skipped) + len(run.gallery.skipped)
     print(f"{len(run.rankings)} queries x {len(run.gallery.paths)} gallery images with {run.model_name}; "
@@ -99,6 +102,23 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         print(f"metrics:    {outputs.metrics}")
     if outputs.grid:
         print(f"grid:       {outputs.grid}")
+    return 0
+
+
+def _retrieve_with_index(config) -> int:
+    """``retrieve --index-dir``: the queries against a prebuilt collection index (see ``index build``)."""
+    from ..collection.retrieve import run_index_retrieval
+    from ..metrics import format_metrics_table
+
+    run, written = run_index_retrieval(config)
+    print(f"{len(run.rankings)} queries against the index {config.index_dir} ({run.config['model']}, "
+          f"{run.config['index']}); {len(run.skipped)} unreadable query file(s) skipped; {run.seconds:.1f} s")
+    if run.evaluation is not None:
+        for problem in run.evaluation.problems:
+            print(f"note: {problem}", file=sys.stderr)
+        print(format_metrics_table(run.evaluation.metrics))
+    for kind, path in written.items():
+        print(f"{kind + ':':<11} {path}")
     return 0
 
 

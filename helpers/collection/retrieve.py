@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .index import Index
@@ -55,3 +56,25 @@ def retrieve_with_index(data: str | os.PathLike, index_dir: str | os.PathLike, k
               "index": index.plan.kind}
     return IndexRetrieval(result.rankings, result.scores, evaluation, result.skipped, config,
                           time.perf_counter() - start)
+
+
+def run_index_retrieval(config) -> tuple[IndexRetrieval, dict[str, Path]]:
+    """``retrieve --index-dir``: rank ``config.data``'s queries against the prebuilt index, then write the
+    submission, its scores file and (with ground truth) the metrics JSON where a plain ``retrieve`` writes them."""
+    from ..metrics import build_metrics_record, write_metrics
+    from ..settings import output_dir
+    from ..submission import save_submission, scores_sidecar_path, write_scores
+
+    run = retrieve_with_index(config.data, config.index_dir, k=config.k, batch_size=config.batch_size,
+                              device=config.device, use_cache=config.cache, progress=config.progress)
+    name = config.run_name_for()
+    out = Path(config.out) if config.out else output_dir("submissions") / f"{name}.json"
+    written = {"submission": save_submission(out, run.rankings, fmt=config.format)}
+    write_scores(scores_sidecar_path(written["submission"]), run.scores)
+    if run.evaluation is not None:
+        record = build_metrics_record(model_name=run.config["model"], top_k=config.k, metrics=run.metrics,
+                                      batch_size=config.batch_size, runtime_seconds=run.seconds,
+                                      config={**config.to_dict(), **run.config}, device=config.device)
+        metrics_path = Path(config.metrics_out) if config.metrics_out else output_dir("results") / f"{name}.json"
+        written["metrics"] = write_metrics(metrics_path, record)
+    return run, written
