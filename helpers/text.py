@@ -323,26 +323,40 @@ def collect_images(data: str | os.PathLike, part: str = "gallery") -> ImageColle
                            [label for _, label in items])
 
 
-def _embed_images(
-    model: EmbeddingModel,
-    paths: Sequence[Path],
-    batch_size: int,
-    device: torch.device,
-    use_cache: bool | None,
-    cache_dir: str | os.PathLike | None,
-    cache_dtype: str,
-    num_workers: int | None,
-    progress: bool,
-    desc: str,
-) -> EmbeddingResult:
-    if use_cache is None:
-        use_cache = model.weights != "none"
-        if not use_cache:
-            logger.info("random weights: the embedding cache is not used (every random build differs, while the "
-                        "cache key only says 'none'); pass use_cache=True to force it")
-    cache = EmbeddingCache(cache_dir, dtype=cache_dtype) if use_cache else None
-    return extract_embeddings(model, paths, batch_size=batch_size, device=device, num_workers=num_workers,
-                              cache=cache, progress=progress, desc=desc)
+@dataclass
+class EmbedOptions:
+    """How the text verbs embed images (the keyword arguments of :func:`text_search`, :func:`zero_shot_classify`
+    and :func:`run_zero_shot` beside their own).
+
+    ``use_cache``: ``None`` reads and writes the embedding cache of image retrieval, except for random weights
+    (``weights="none"``), whose builds all differ under one cache key; ``True`` forces it, ``False`` skips it.
+    """
+
+    weights: str = "pretrained"
+    batch_size: int = 32
+    device: str = "auto"
+    use_cache: bool | None = None
+    cache_dir: str | os.PathLike | None = None
+    cache_dtype: str = "float32"
+    num_workers: int | None = None
+    progress: bool = True
+    model_options: dict[str, Any] | None = None
+
+    def cache(self, model: EmbeddingModel) -> EmbeddingCache | None:
+        use_cache = self.use_cache
+        if use_cache is None:
+            use_cache = model.weights != "none"
+            if not use_cache:
+                logger.info("random weights: the embedding cache is not used (every random build differs, while "
+                            "the cache key only says 'none'); pass use_cache=True to force it")
+        return EmbeddingCache(self.cache_dir, dtype=self.cache_dtype) if use_cache else None
+
+
+def _embed_images(model: EmbeddingModel, paths: Sequence[Path], options: EmbedOptions, device: torch.device,
+                  desc: str) -> EmbeddingResult:
+    return extract_embeddings(model, paths, batch_size=options.batch_size, device=device,
+                              num_workers=options.num_workers, cache=options.cache(model), progress=options.progress,
+                              desc=desc)
 
 
 def _names_of(result: EmbeddingResult, collection: ImageCollection) -> list[str]:
@@ -376,22 +390,14 @@ def text_search(
     queries: Sequence[str],
     model: str | EmbeddingModel = DEFAULT_TEXT_MODEL,
     k: int = 10,
-    weights: str = "pretrained",
-    batch_size: int = 32,
-    device: str = "auto",
-    use_cache: bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    cache_dtype: str = "float32",
-    num_workers: int | None = None,
-    progress: bool = True,
-    model_options: dict[str, Any] | None = None,
+    **options: Any,
 ) -> TextSearchResult:
     """Rank the gallery of ``data_or_folder`` (competition layout, flat folder or class folders) for every text
     query by cosine similarity of L2-normalised CLIP text and image embeddings. Repeated queries count once.
 
-    ``use_cache``: ``None`` (default) reads and writes the embedding cache of image retrieval, except for random
-    weights (``weights="none"``), whose builds all differ under one cache key; ``True`` forces it, ``False`` skips it.
+    ``options``: the fields of :class:`EmbedOptions` (``weights``, ``batch_size``, ``device``, ``use_cache``, ...).
     """
+    options = EmbedOptions(**options)
     start = time.perf_counter()
     queries = [str(q) for q in queries]
     if not queries or any(not q.strip() for q in queries):
@@ -402,12 +408,11 @@ def text_search(
     if len(unique) < len(queries):
         logger.warning("%d repeated query text(s) searched once", len(queries) - len(unique))
     collection = collect_images(data_or_folder)
-    target = resolve_device(device)
+    target = resolve_device(options.device)
     t0 = time.perf_counter()
-    embedder = resolve_text_model(model, weights, target, model_options)
+    embedder = resolve_text_model(model, options.weights, target, options.model_options)
     timings = {"load_model": time.perf_counter() - t0}
-    gallery = _embed_images(embedder, collection.paths, batch_size, target, use_cache, cache_dir, cache_dtype,
-                            num_workers, progress, "gallery")
+    gallery = _embed_images(embedder, collection.paths, options, target, "gallery")
     timings["embed_gallery"] = gallery.seconds
     if len(gallery.paths) == 0:
         raise DataError(f"no image of {collection.root} could be read")
@@ -431,9 +436,9 @@ def text_search(
         "model": embedder.name,
         "weights": embedder.weights,
         "k": k,
-        "batch_size": batch_size,
+        "batch_size": options.batch_size,
         "device": str(target),
-        "cache": "auto" if use_cache is None else use_cache,
+        "cache": "auto" if options.use_cache is None else options.use_cache,
         "model_options": {key: str(v) for key, v in embedder.options.items()},
     }
     return TextSearchResult(rankings, scores, gallery, collection, embedder.name, config, timings)
@@ -474,25 +479,17 @@ def zero_shot_classify(
     classes: Sequence[str],
     templates: str | Sequence[str] = "openai",
     model: str | EmbeddingModel = DEFAULT_TEXT_MODEL,
-    weights: str = "pretrained",
-    batch_size: int = 32,
-    device: str = "auto",
-    use_cache: bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    cache_dtype: str = "float32",
-    num_workers: int | None = None,
-    progress: bool = True,
-    model_options: dict[str, Any] | None = None,
+    **options: Any,
 ) -> ZeroShotResult:
     """Classify images among ``classes`` without training: cosine similarity of each L2-normalised image embedding
     to each class's template-ensembled text embedding, times CLIP's logit scale, softmax over classes.
-    ``use_cache`` as in :func:`text_search`."""
+    ``options``: the fields of :class:`EmbedOptions`."""
+    options = EmbedOptions(**options)
     classes = _check_classes([str(c).strip() for c in classes], "classes")
     template_list = load_templates(templates)
-    target = resolve_device(device)
-    embedder = resolve_text_model(model, weights, target, model_options)
-    image = _embed_images(embedder, [Path(p) for p in paths], batch_size, target, use_cache, cache_dir,
-                          cache_dtype, num_workers, progress, "images")
+    target = resolve_device(options.device)
+    embedder = resolve_text_model(model, options.weights, target, options.model_options)
+    image = _embed_images(embedder, [Path(p) for p in paths], options, target, "images")
     weights_matrix = class_text_embeddings(embedder, classes, template_list)
     scale = logit_scale(embedder)
     probabilities = softmax(scale * image.embeddings @ weights_matrix.T)
@@ -618,18 +615,12 @@ def run_zero_shot(
     classes: Sequence[str] | None = None,
     templates: str | Sequence[str] = "openai",
     model: str | EmbeddingModel = DEFAULT_TEXT_MODEL,
-    weights: str = "pretrained",
-    batch_size: int = 32,
-    device: str = "auto",
-    use_cache: bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    num_workers: int | None = None,
-    progress: bool = True,
-    model_options: dict[str, Any] | None = None,
+    **options: Any,
 ) -> ZeroShotRun:
     """Zero-shot classify every image of ``data`` (flat folder, class folders, or a competition layout's query and
     gallery). Class folders (or ``labels.json``) give true labels and thus metrics; without ``classes`` their
-    folder names, underscores as spaces, are the class names."""
+    folder names, underscores as spaces, are the class names. ``options``: the fields of :class:`EmbedOptions`."""
+    embed = EmbedOptions(**options)
     start = time.perf_counter()
     collection = collect_images(data, part="all")
     if classes is None:
@@ -638,9 +629,7 @@ def run_zero_shot(
                              "A,B,C or --classes-file FILE")
         classes = [label.replace("_", " ") for label in dict.fromkeys(sorted(collection.labels))]
     classes = _check_classes([str(c).strip() for c in classes], "classes")
-    result = zero_shot_classify(collection.paths, classes, templates, model=model, weights=weights,
-                                batch_size=batch_size, device=device, use_cache=use_cache, cache_dir=cache_dir,
-                                num_workers=num_workers, progress=progress, model_options=model_options)
+    result = zero_shot_classify(collection.paths, classes, templates, model=model, **options)
     names = _names_of(result.image, collection)
     true_labels = metrics = None
     if collection.labels is not None:
@@ -656,13 +645,13 @@ def run_zero_shot(
         "data": str(collection.root),
         "layout": collection.layout,
         "model": embedder_name,
-        "weights": model.weights if isinstance(model, EmbeddingModel) else weights,
+        "weights": model.weights if isinstance(model, EmbeddingModel) else embed.weights,
         "templates": templates if isinstance(templates, str) else "custom",
         "n_templates": len(result.templates),
-        "batch_size": batch_size,
-        "device": str(resolve_device(device)),
-        "cache": "auto" if use_cache is None else use_cache,
-        "model_options": {key: str(v) for key, v in (model_options or {}).items()},
+        "batch_size": embed.batch_size,
+        "device": str(resolve_device(embed.device)),
+        "cache": "auto" if embed.use_cache is None else embed.use_cache,
+        "model_options": {key: str(v) for key, v in (embed.model_options or {}).items()},
     }
     timings = {"embed_images": result.image.seconds, "total": time.perf_counter() - start}
     return ZeroShotRun(result, collection, names, true_labels, metrics, embedder_name, config, timings)
