@@ -31,8 +31,9 @@ AGREEMENT_THRESHOLD = 0.99
 CALIBRATION_IMAGES = 320
 #: Of those, images held out of calibration to measure the agreement (when at least twice as many are available).
 AGREEMENT_IMAGES = 64
-#: Fewer images than this and ``auto`` does not calibrate (keeps float32); ``int8`` calibrates on what there is.
-MIN_AUTO_CALIBRATION = 64
+#: Fewer images than this and ``auto`` does not calibrate (keeps float32; "a few hundred" are needed for ranges that
+#: hold); ``int8`` calibrates on what there is.
+MIN_AUTO_CALIBRATION = 200
 
 
 def int8_path(fp32_path: Path) -> Path:
