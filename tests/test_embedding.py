@@ -238,7 +238,9 @@ def test_the_thread_plan_never_oversubscribes_the_cores(monkeypatch):
             plan = plan_threads(n, 32, cores=cores)
             assert plan.inference_threads >= 1 and plan.inference_threads + plan.decode_workers <= cores
     assert plan_threads(10, 32, cores=8).decode_workers == 0  # one batch: no worker start-up
-    assert plan_threads(1000, 32, cores=2).decode_workers == 1
+    assert plan_threads(1000, 32, cores=2).decode_workers == 0  # decoding is a fifth of the work: both cores infer
+    assert plan_threads(1000, 32, cores=4).decode_workers == 1
+    assert plan_threads(1000, 32, cores=16).decode_workers == 3
     assert plan_threads(1000, 32, cores=8, threads=3).decode_workers == 5
     assert plan_threads(1000, 32, cores=8, num_workers=0).inference_threads == 8
     monkeypatch.setenv("RETRIEVAL_DECODE_WORKERS", "3")
