@@ -11,6 +11,7 @@ which precision it chose and why.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -97,9 +98,22 @@ def quantize_export(fp32_path: Path, out_path: Path, calibration: np.ndarray, ba
         options.log_severity_level = 3
         ort.InferenceSession(str(fp32_path), options, providers=["CPUExecutionProvider"])
         staged = Path(tmp) / "int8.onnx"
-        quantize_static(str(optimised), str(staged), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        ort.set_default_logger_severity(3)  # the calibration sessions' per-initializer warnings are noise
+        with _quiet_root_logger():  # the quantiser's advice to pre-process goes to the root logger
+            quantize_static(str(optimised), str(staged), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
         os.replace(staged, out_path)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    saved = root.level
+    root.setLevel(max(saved, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(saved)
 
 
 def calibrate(fp32_path: Path, sample: np.ndarray, threads: int = 1) -> dict:
