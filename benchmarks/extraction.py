@@ -3,7 +3,8 @@
 Measured in one run on the same images (CPU): (1) a naive loop (open, preprocess and embed one image at a time in
 eager torch); (2) the previous default path (ONNX Runtime float32, full JPEG decode, min(4, cores) decoding workers
 plus as many inference threads as torch has: oversubscribed); (3) each new option alone: int8, JPEG draft decoding
-at the size the model needs, the thread plan (inference threads + decoding workers = cores); (4) all together, and
+at the size the model needs, the thread plan (inference threads + decoding workers = cores), and one decoding
+worker overlapping with inference on the other cores (the alternative plan on a small machine); (4) all together, and
 (5) the default ``extract_embeddings`` (``precision="auto"``: int8 only where it agrees with float32); and the bound:
 the model's FLOPs per image against this machine's float32 matrix-multiply rate measured now. Every row also
 reports retrieval on the same images (every 10th image of each class a query, the rest the gallery; relevant: the
@@ -95,6 +96,8 @@ def _configurations(cores: int, torch_threads: int) -> list[tuple[str, dict]]:
         ("+ int8 alone", {**previous, "precision": "int8"}),
         ("+ draft decoding alone", {**previous, "draft_size": "auto"}),
         ("+ thread plan alone (threads + workers = cores)", {**previous, "num_workers": None, "threads": None}),
+        ("+ overlap alone: 1 decoding worker + the other cores inferring",
+         {**previous, "num_workers": 1, "threads": max(1, cores - 1)}),
         ("all together: int8 + draft + thread plan", dict(precision="int8", draft_size="auto")),
         ("default now: precision auto + draft + thread plan", dict(precision="auto", draft_size="auto")),
     ]
