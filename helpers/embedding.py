@@ -159,7 +159,7 @@ def resolve_draft_size(model: EmbeddingModel, draft_size: int | str | None = "au
     or none for models with their own PIL-level step (face cropping wants every pixel); otherwise as given."""
     if draft_size != "auto":
         return None if draft_size is None else int(draft_size)
-    if callable(getattr(model.network, "wrap_transform", None)):
+    if callable(getattr(getattr(model, "network", None), "wrap_transform", None)):
         return None
     return draft_size_for(model.preprocessing)
 
