@@ -11,11 +11,13 @@ Competition layout::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import shutil
 import stat
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +33,11 @@ logger = logging.getLogger("helpers")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 #: Pillow's own default limit (about 89.5 megapixels); larger files are refused as possible decompression bombs.
-DEFAULT_MAX_PIXELS = int(os.environ.get("RETRIEVAL_MAX_PIXELS", 89_478_485))
+#: ``$RETRIEVAL_MAX_PIXELS`` sets the limit instead (higher or lower), read when images are loaded.
+DEFAULT_MAX_PIXELS = 89_478_485
+MAX_PIXELS_ENV = "RETRIEVAL_MAX_PIXELS"
+#: Pillow reads its limit from a module global: loads with another limit swap it under this lock.
+_PILLOW_LIMIT_LOCK = threading.Lock()
 DEFAULT_DATA_DIR = Path("data")
 
 # Truncated files must fail loudly, never decode half an image silently.
@@ -188,6 +194,50 @@ def list_class_folder(root: str | os.PathLike) -> list[tuple[Path, str]]:
 # --------------------------------------------------------------------------------------------------------------
 # Loading one image
 # --------------------------------------------------------------------------------------------------------------
+def max_pixels_limit() -> int:
+    """The decompression-bomb limit in pixels: ``$RETRIEVAL_MAX_PIXELS`` when set, else :data:`DEFAULT_MAX_PIXELS`.
+
+    Raises :class:`DataError` for a value that is not a positive whole number.
+    """
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        raise DataError(f"{MAX_PIXELS_ENV} must be a whole number of pixels, not {value!r}") from None
+    if limit < 1:
+        raise DataError(f"{MAX_PIXELS_ENV} must be at least 1, not {limit}")
+    return limit
+
+
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int | None):
+    """Pillow's own decompression-bomb check at ``max_pixels`` (``None``: off) for the duration of the block, so
+    that a limit above Pillow's default raises it rather than being cut short by it."""
+    if max_pixels == Image.MAX_IMAGE_PIXELS:
+        yield
+        return
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def draft_size_for(preprocessing) -> int | None:
+    """The smallest side a JPEG must keep for ``preprocessing`` (a :class:`helpers.models.Preprocessing`): the
+    short-side resize target (``input_size / crop_pct``) for centre crops, the input size for squashed resizes.
+    Decoding with :func:`load_image`'s ``draft_size`` at this size then resizing gives the model what a full
+    decode would, up to the resampling of the last step."""
+    size = int(preprocessing.input_size)
+    if getattr(preprocessing, "resize_mode", "shortest") == "shortest":
+        size = int(round(size / preprocessing.crop_pct))
+    return size if size > 0 else None
+
+
 def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
     """Scale 16-bit, 32-bit integer or float grey images to 8 bits instead of clipping them to white."""
     array = np.asarray(image, dtype=np.float64)
@@ -218,16 +268,19 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
 
 def load_image(
     path: str | os.PathLike,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None | str = "env",
     draft_size: int | None = None,
 ) -> Image.Image:
     """Open an image as RGB with its EXIF orientation applied.
 
-    ``draft_size`` lets the JPEG decoder scale down by 1/2, 1/4 or 1/8 while keeping both sides at least that
-    large (much faster for big photos). Raises :class:`ImageLoadError` naming the reason for a zero-byte,
-    non-image, corrupt or truncated file, or one over ``max_pixels`` (possible decompression bomb).
+    ``draft_size`` lets the JPEG decoder scale down by 1/2, 1/4 or 1/8 (DCT scaling) while keeping both sides at
+    least that large (much faster for big photos). Raises :class:`ImageLoadError` naming the reason for a
+    zero-byte, non-image, corrupt or truncated file, or one over ``max_pixels`` (possible decompression bomb;
+    ``"env"``: :func:`max_pixels_limit`, ``None``: no limit).
     """
     path = Path(path)
+    if max_pixels == "env":
+        max_pixels = max_pixels_limit()
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -235,7 +288,7 @@ def load_image(
     if size == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_limit(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height = image.size
@@ -259,7 +312,7 @@ def load_image(
         raise ImageLoadError(path, f"corrupt or truncated image ({reason})") from None
 
 
-def check_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str | None:
+def check_image(path: str | os.PathLike, max_pixels: int | None | str = "env") -> str | None:
     """Return ``None`` if ``path`` loads, else the reason it does not."""
     try:
         load_image(path, max_pixels=max_pixels)

@@ -8,7 +8,9 @@ checked against torch on a fixed input (cosine >= 1 - 1e-4 per row) before it is
 ``onnxruntime`` or ``onnx`` package, an operator the exporter lacks, a mismatch) falls back to torch with a warning
 under ``backend="auto"`` and raises :class:`~helpers.models.ModelError` under ``backend="onnx"``.
 
-Backends agree to about 1e-6 in cosine, so the embedding cache does not distinguish them.
+Backends agree to about 1e-6 in cosine, so the embedding cache does not distinguish them. ``precision="int8"``
+serves the statically quantised model that :mod:`helpers.quantize` keeps beside the export (the embedding cache
+keys include the precision).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .embedding_cache import default_cache_dir
 from .fileio import atomic_write, read_json, write_json
 from .models.registry import EmbeddingModel, ModelError
+from .quantize import int8_path
 
-logger = logging.getLogger("helpers")
+logger = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("auto", "torch", "onnx")
 #: Below this many images to embed, ``auto`` keeps torch unless the model is already exported (an export costs
@@ -48,8 +52,6 @@ def onnx_dir() -> Path:
     env = os.environ.get("RETRIEVAL_ONNX_DIR")
     if env:
         return Path(env)
-    from .embedding import default_cache_dir
-
     return default_cache_dir() / "onnx"
 
 
@@ -87,12 +89,16 @@ class OnnxRunner:
 
     One session per input size, exported and verified on first use. ``strict=False`` (backend ``auto``) serves a
     size whose export fails through torch with a warning; ``strict=True`` raises :class:`ModelError`.
-    ``threads``: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()``).
+    ``threads``: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()``). ``precision="int8"`` serves
+    the quantised model beside the export, which must exist (see :func:`helpers.quantize.choose_precision`).
     """
 
     def __init__(self, model: EmbeddingModel, threads: int | None = None, strict: bool = False,
-                 folder: str | os.PathLike | None = None) -> None:
+                 folder: str | os.PathLike | None = None, precision: str = "fp32") -> None:
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"an ONNX runner's precision is fp32 or int8, not {precision!r}")
         self.model = model
+        self.precision = precision
         self.threads = threads or torch.get_num_threads()
         self.strict = strict
         self.folder = Path(folder) if folder is not None else onnx_dir()
@@ -154,12 +160,22 @@ class OnnxRunner:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def _session(self, size: tuple[int, int]):
+        path = self.ensure_export(size)
+        if self.precision == "int8":
+            quantised = int8_path(path)
+            if not quantised.exists():
+                raise ModelError(f"no int8 model beside {path.name}: calibrate first (precision int8 or auto)")
+            return self._new_session(quantised)
+        return self._new_session(path)
+
+    def ensure_export(self, size: tuple[int, int]) -> Path:
+        """The verified float32 export for ``size`` (exported and checked against torch on first use)."""
         import onnxruntime  # noqa: F401 - fail early with ImportError when missing
 
         path = self.path_for(*size)
         sidecar = path.with_suffix(".json")
         if self.is_exported(*size):
-            return self._new_session(path)
+            return path
         self._export(path, size)
         session = self._new_session(path)
         probe = torch.Generator().manual_seed(0)
@@ -177,7 +193,7 @@ class OnnxRunner:
             raise ModelError(f"exported model disagrees with torch (cosine {cosine:.6f} < {MIN_COSINE})")
         write_json(sidecar, {"model": model.name, "size": list(size), "verified": True, "min_cosine": cosine,
                              "torch": torch.__version__})
-        return session
+        return path
 
     def _export(self, path: Path, size: tuple[int, int]) -> None:
         model = self.model
@@ -205,15 +221,22 @@ def resolve_backend(
     device: torch.device | str = "cpu",
     n_images: int | None = None,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """What runs the forward pass: the model itself (torch) or an :class:`OnnxRunner`.
 
     ``auto`` picks ONNX Runtime on the CPU when it is installed and either the model is already exported or at
     least :data:`AUTO_MIN_IMAGES` images are to be embedded; otherwise torch. ``onnx`` insists (CPU only).
+    ``precision="int8"`` needs ONNX Runtime: it forces it under ``auto`` and refuses ``torch`` or a GPU.
     """
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, not {backend!r}")
     device = torch.device(device)
+    if precision == "int8" and (backend == "torch" or device.type != "cpu"):
+        raise ModelError("int8 precision runs through ONNX Runtime on the CPU: use --backend auto|onnx and "
+                         "--device cpu, or --precision fp32")
+    if precision == "int8":
+        backend = "onnx"
     if backend == "torch":
         return model
     if backend == "onnx":
@@ -222,7 +245,7 @@ def resolve_backend(
         if not onnx_available():
             raise ModelError("the ONNX backend needs the packages onnxruntime and onnx "
                              "(pip install onnxruntime onnx), or use --backend torch")
-        return _runner(model, threads, strict=True)
+        return _runner(model, threads, strict=True, precision=precision)
     if device.type != "cpu" or not onnx_available():
         return model
     try:
@@ -236,12 +259,14 @@ def resolve_backend(
     return runner
 
 
-def _runner(model: EmbeddingModel, threads: int | None, strict: bool) -> OnnxRunner:
-    """The model's cached runner when its weights, threads, folder and strictness are unchanged, else a new one."""
+def _runner(model: EmbeddingModel, threads: int | None, strict: bool, precision: str = "fp32") -> OnnxRunner:
+    """The model's cached runner when its weights, threads, folder, strictness and precision are unchanged, else a
+    new one."""
     cached = _RUNNERS.get(model)
     if (cached is not None and cached.strict == strict and cached.threads == (threads or torch.get_num_threads())
-            and cached.folder == onnx_dir() and cached.fingerprint == model_fingerprint(model)):
+            and cached.precision == precision and cached.folder == onnx_dir()
+            and cached.fingerprint == model_fingerprint(model)):
         return cached
-    runner = OnnxRunner(model, threads=threads, strict=strict)
+    runner = OnnxRunner(model, threads=threads, strict=strict, precision=precision)
     _RUNNERS[model] = runner
     return runner

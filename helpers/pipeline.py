@@ -94,7 +94,8 @@ def _embed(config: RetrievalConfig, dataset: RetrievalSet, embedders: list[Embed
     could read. The gallery first: usually the larger set, it decides whether backend "auto" uses ONNX Runtime."""
     cache = EmbeddingCache(config.cache_dir, dtype=config.cache_dtype) if config.cache else None
     common = dict(batch_size=config.batch_size, device=target, num_workers=config.workers, cache=cache,
-                  tta=config.tta, progress=config.progress, backend=config.backend)
+                  tta=config.tta, progress=config.progress, backend=config.backend,
+                  precision=config.precision)
     first, extra = embedders[0], embedders[1:]
     gallery = extract_embeddings(first, dataset.gallery_paths, desc="gallery", **common)
     query = extract_embeddings(first, dataset.query_paths, desc="query", **common)
@@ -187,6 +188,7 @@ def run_retrieval(
         evaluation = evaluate_rankings(rankings, dataset.ground_truth, k=cfg.k, gallery_names=dataset.gallery_names)
     timings["total"] = time.perf_counter() - start
     used, recorded = _recorded(cfg, dataset, embedders, built, results)
+    recorded["embedding"] = gallery.info()  # the precision used and why, JPEG draft size, threads
     model_info = {"pooling_type": embedders[0].pooling, "is_finetuned": False}
     model_info.update(getattr(embedders[0], "training_info", {}) or {})
     return RetrievalRun(dataset, "+".join(e.name for e in embedders), cfg.k, rankings, scores, query, gallery,

@@ -28,8 +28,25 @@ def test_extraction_smallest(shapes, capsys):
                             "--batch-size", "4", "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "naive loop" in out and "compute bound" in out and "images/s" in out
-    cosines = [float(line.rsplit("|", 2)[1]) for line in out.splitlines() if line.startswith("| project")]
-    assert cosines and cosines[0] > 0.9999  # the project's path embeds like the naive loop
+    rows = {line.split("|")[1].strip().split(" [")[0]: line.split("|") for line in out.splitlines()
+            if line.startswith("| ")}
+    for name in ("+ int8 alone", "+ draft decoding alone", "all together: int8 + draft + thread plan"):
+        assert name in rows
+    cosine = float(rows["+ draft decoding alone"][6])
+    assert cosine > 0.9999  # 224 px photos: draft decoding changes nothing, the path embeds like the naive loop
+    assert rows["+ int8 alone"][9].strip() == "int8" and 0 <= float(rows["+ int8 alone"][7]) <= 1
+    assert "auto chose" in out
+
+
+@pytest.mark.slow
+def test_extraction_gpu_path_runs_on_the_cpu_with_a_tiny_limit(imagenette_val, capsys):
+    from benchmarks import extraction
+
+    assert extraction.main(["--data", str(imagenette_val), "--limit", "4", "--device", "cpu", "--gpu-table",
+                            "--models", "efficientnet-lite0", "--batch-size", "2", "--gpu-batch", "2",
+                            "--gpu-repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "inference only" in out and "efficientnet-lite0" in out
 
 
 def test_search_smallest(capsys):

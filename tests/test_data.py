@@ -126,6 +126,32 @@ def test_pixel_limit_refuses_decompression_bombs(messy_folder):
         load_image(messy_folder / "plain photo é.JPG", max_pixels=1000)
 
 
+def test_retrieval_max_pixels_raises_the_limit_as_well_as_lowering_it(messy_folder, monkeypatch):
+    from PIL import Image as PILImage
+
+    photo_path = messy_folder / "plain photo é.JPG"
+    width, height = PILImage.open(photo_path).size
+    # Stand in for a photo above Pillow's own default limit: Pillow's limit below the photo, ours above it.
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", width * height // 3)
+    monkeypatch.setenv("RETRIEVAL_MAX_PIXELS", str(width * height * 2))
+    assert load_image(photo_path).size == (width, height)
+    assert PILImage.MAX_IMAGE_PIXELS == width * height // 3  # Pillow's setting is restored afterwards
+    monkeypatch.setenv("RETRIEVAL_MAX_PIXELS", str(width * height - 1))
+    with pytest.raises(ImageLoadError, match="decompression bomb"):
+        load_image(photo_path)
+    monkeypatch.setenv("RETRIEVAL_MAX_PIXELS", "lots")
+    with pytest.raises(DataError, match="RETRIEVAL_MAX_PIXELS"):
+        load_image(photo_path)
+
+
+def test_draft_size_for_follows_the_preprocessing():
+    from helpers.data import draft_size_for
+    from helpers.models.registry import Preprocessing
+
+    assert draft_size_for(Preprocessing(224, (0.5,) * 3, (0.5,) * 3, crop_pct=0.875)) == 256
+    assert draft_size_for(Preprocessing(224, (0.5,) * 3, (0.5,) * 3, resize_mode="squash")) == 224
+
+
 def test_draft_mode_keeps_at_least_the_requested_size(messy_folder):
     big = load_image(messy_folder / "plain photo é.JPG")
     draft = load_image(messy_folder / "plain photo é.JPG", draft_size=64)

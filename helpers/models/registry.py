@@ -198,7 +198,7 @@ class EmbeddingModel(nn.Module):
         if weights not in WEIGHT_CHOICES:
             path = Path(weights)
             stat = path.stat()
-            weights = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+            weights = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}"
         elif weights == "none":
             weights = f"none:{self.weights_fingerprint()}"  # every random initialisation is a different model
         payload = json.dumps(
