@@ -110,7 +110,9 @@ def test_retrieve_config_repeats_a_run_byte_for_byte(tmp_path, demo_data, monkey
     name = f"{demo_data.name}_efficientnet-lite0_k-5_qe-alpha_dba-2_format-list"
     submission, metrics = tmp_path / "submissions" / f"{name}.json", tmp_path / "results" / f"{name}.json"
     record = json.loads(metrics.read_text())
-    assert record["run_name"] == name and record["config"]["k"] == 5 and record["config"]["precision"] == "fp32"
+    assert record["run_name"] == name and record["config"]["k"] == 5 and record["config"]["precision"] == "auto"
+    # auto keeps float32 below 200 images, and the metrics JSON says what was used and why
+    assert record["config"]["embedding"]["precision"] == "fp32" and record["config"]["embedding"]["precision_reason"]
     assert [s["step"] for s in record["config"]["postprocess"]] == ["normalize", "dba", "search", "qe"]
 
     assert cli_main(["retrieve", "--config", str(metrics), "--out", "again.json", "--metrics-out", "again_m.json"]) == 0
