@@ -322,3 +322,14 @@ def test_interrupted_ray_build_leaves_no_process_and_resumes(photos, tmp_path):
     assert stamps(out, done) == before
     rows = all_rows(out)
     assert len(rows) == len(set(rows)) == 4 * PER_CLASS + 1
+
+
+def test_precision_is_one_per_collection_and_the_ray_engine_refuses_int8(local_build, photos):
+    with pytest.raises(ValueError, match="needs --engine local"):
+        EngineOptions(engine="ray", precision="int8").check()
+    assert json.loads((local_build / "manifest.json").read_text())["inference_precision"] == "fp32"
+    with pytest.raises(ValueError, match="--precision fp32"):
+        build_collection(local_build, images=[photos], shard_size=5,
+                         options=EngineOptions(progress=False, precision="int8"))
+    with pytest.raises(ValueError, match="--precision fp32"):
+        add_to_collection(local_build, images=[photos], options=EngineOptions(progress=False, precision="auto"))

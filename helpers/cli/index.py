@@ -25,6 +25,9 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-index-memory", default=None, metavar="SIZE",
                    help="memory the FAISS index may take, e.g. 4GB (1GB = 2^30 bytes): exact search below about "
                         "100k vectors, then HNSW, then OPQ + IVF-PQ (default: 4GB; `add`: the build's)")
+    p.add_argument("--precision", choices=("fp32", "int8", "auto"), default="fp32",
+                   help="inference precision, local engine on a CPU: int8 = ONNX Runtime static quantisation "
+                        "calibrated on the images, auto = int8 only where it agrees with fp32 (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -86,7 +89,7 @@ def _options(args: argparse.Namespace):
 
     return EngineOptions(engine=args.engine, ray_address=args.ray_address, workers=args.workers,
                          gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size, device=args.device,
-                         progress=not args.quiet)
+                         progress=not args.quiet, precision=args.precision)
 
 
 @contextlib.contextmanager

@@ -40,16 +40,30 @@ class EngineOptions:
     backend: str = "auto"
     num_workers: int | None = None
     progress: bool = True
+    precision: str = "fp32"  # inference precision (the local engine on a CPU may use int8; see helpers.quantize)
 
     def check(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
         if self.workers < 1 or self.batch_size < 1 or self.gpus_per_worker < 0:
             raise ValueError("--workers and --batch-size must be at least 1, --gpus-per-worker at least 0")
+        if self.precision not in ("fp32", "int8", "auto"):
+            raise ValueError(f"--precision must be fp32, int8 or auto, not {self.precision!r}")
         if self.engine == "ray":
+            if self.precision != "fp32":
+                raise ValueError("--precision int8/auto needs --engine local: the Ray engine's actors run the torch "
+                                 "model in float32")
             from .engine_ray import require_ray
 
             require_ray()
+
+
+def _check_same_precision(index_dir: Path, manifest: dict[str, Any], options: EngineOptions) -> None:
+    """One collection, one inference precision: int8 and float32 vectors are not mixed in its shards."""
+    recorded = manifest.get("inference_precision", "fp32")
+    if recorded != options.precision:
+        raise ValueError(f"{index_dir} was embedded with --precision {recorded}; give the same --precision (not "
+                         f"{options.precision}) to resume or extend it, or another --out")
 
 
 @dataclass
@@ -128,7 +142,8 @@ def _embed(index_dir: Path, model, ref: ModelRef, chunks, options: EngineOptions
             from .engine_local import embed_local
 
             embed_local(model, chunks, on_shard, progress.advance, batch_size=options.batch_size,
-                        device=options.device, backend=options.backend, num_workers=options.num_workers)
+                        device=options.device, backend=options.backend, num_workers=options.num_workers,
+                        precision=options.precision)
     finally:
         progress.close()
 
@@ -191,8 +206,10 @@ def build_collection(out: str | os.PathLike, images: Sequence[str | os.PathLike]
         if (old.name, old.weights, old.options) != (ref.name, ref.weights, ref.options):
             raise ValueError(f"{index_dir} already holds embeddings of {old.name} (weights {old.weights}, options "
                              f"{old.options}); use `index add` to extend it, or another --out")
+        _check_same_precision(index_dir, manifest, options)
     else:
-        manifest = {"format": FORMAT_VERSION, "precision": PRECISION, "normalised": "L2",
+        manifest = {"format": FORMAT_VERSION, "precision": PRECISION, "inference_precision": options.precision,
+                    "normalised": "L2",
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     lists = [list_file] if list_file is not None else []
     return _update(index_dir, manifest, ref, images, lists, shard_size, max_index_memory, options)
@@ -209,6 +226,7 @@ def add_to_collection(index_dir: str | os.PathLike, images: Sequence[str | os.Pa
     manifest = read_manifest(index_dir)
     if not manifest or "model" not in manifest:
         raise FileNotFoundError(f"no collection at {index_dir} (no manifest.json): build one with `index build`")
+    _check_same_precision(index_dir, manifest, options)
     ref = ModelRef.from_manifest(manifest["model"])
     memory = max_index_memory or manifest.get("index", {}).get("max_index_memory") or DEFAULT_MAX_INDEX_MEMORY
     shard_size = int(manifest.get("shard_size", DEFAULT_SHARD_SIZE))

@@ -16,7 +16,7 @@ STEP = 512
 
 def embed_local(model, chunks: Sequence[tuple[int, Sequence[Entry]]], on_shard: ShardSink,
                 advance: Callable[[int], None], batch_size: int = 32, device: str = "auto",
-                backend: str = "auto", num_workers: int | None = None) -> None:
+                backend: str = "auto", num_workers: int | None = None, precision: str = "fp32") -> None:
     """Embed each ``(number, entries)`` chunk and hand ``on_shard(number, entries, vectors, reasons)`` the result
     (``vectors`` one float32 row per entry, ``reasons`` None for an embedded file)."""
     from ..embedding import extract_embeddings
@@ -30,7 +30,8 @@ def embed_local(model, chunks: Sequence[tuple[int, Sequence[Entry]]], on_shard: 
             for offset, entry in enumerate(part):
                 positions.setdefault(str(entry.file), []).append(start + offset)
             result = extract_embeddings(model, [e.file for e in part], batch_size=batch_size, device=device,
-                                        num_workers=num_workers, cache=None, progress=False, backend=backend)
+                                        num_workers=num_workers, cache=None, progress=False, backend=backend,
+                                        precision=precision)
             for path, vector in zip(result.paths, result.embeddings):
                 for i in positions[str(path)]:
                     vectors[i], reasons[i] = vector, None
