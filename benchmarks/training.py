@@ -60,6 +60,7 @@ def _open_set_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--blocks", type=int, default=2, help="N of blocks:N (default: 2)")
     group.add_argument("--open-train-per-class", type=int, default=60, help="training images per class, head-only")
     group.add_argument("--full-per-class", type=int, default=40, help="training images per class, fine-tuning")
+    group.add_argument("--open-k", type=int, default=4, help="images per class in a P-K batch of fine-tuning (P=5)")
     group.add_argument("--open-query-per-class", type=int, default=10)
     group.add_argument("--open-gallery-per-class", type=int, default=40)
 

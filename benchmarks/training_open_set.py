@@ -98,9 +98,10 @@ class OpenSet:
     def _config(self, recipe: str, folder: Path, out: Path, **kw):
         from helpers.training import make_config
 
+        kw.setdefault("images_per_class", self.args.open_k)
         return make_config(recipe, data=str(folder), model=self.args.model, out=str(out), device=self.args.device,
                            progress=False, val_split="images", val_fraction=0.0, patience=10**6,
-                           classes_per_batch=5, images_per_class=4, **kw)
+                           classes_per_batch=5, **kw)
 
     def _record(self, method: str, size: int, seed: int, metrics: dict[str, float], seconds: float) -> None:
         self.rows.append((self.name, method, size, seed, metrics, seconds))
@@ -122,7 +123,7 @@ class OpenSet:
             for loss in self.args.losses:
                 t0 = time.perf_counter()
                 result = train(self._config(loss, folder, self.work / f"head-{loss}-{seed}", trainable="head",
-                                            epochs=self.args.head_epochs, seed=seed))
+                                            epochs=self.args.head_epochs, seed=seed, images_per_class=16))
                 seconds = time.perf_counter() - t0
                 net = load_checkpoint_model(result.best_path).network
                 with torch.inference_mode():
