@@ -380,3 +380,93 @@ def split_dataset(
     write_json(out / "test" / "ground_truth.json", ground_truth)
     write_json(out / "test" / "labels.json", labels)
     return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Held-out classes: validation of open-set training, and a competition-layout split of unseen classes
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class ValidationSplit:
+    """Whole classes held out of training, with a query/gallery split of their images.
+
+    ``held_out`` and ``training`` are class names; ``query`` and ``gallery`` the held-out images (every held-out
+    class has at least one of each); ``labels`` maps each held-out image to its class. ``to_dict()`` is the JSON
+    record ``{"held_out": [...], "training": [...]}``.
+    """
+
+    held_out: list[str]
+    training: list[str]
+    query: list[Path] = field(default_factory=list)
+    gallery: list[Path] = field(default_factory=list)
+    labels: dict[Path, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"held_out": list(self.held_out), "training": list(self.training)}
+
+    def ground_truth(self, names: dict[Path, str] | None = None) -> dict[str, list[str]]:
+        """Each query -> the gallery images of its class (by ``names[path]``, default the path as text)."""
+        name = (lambda p: names[p]) if names else str  # noqa: E731
+        by_class: dict[str, list[str]] = {}
+        for path in self.gallery:
+            by_class.setdefault(self.labels[path], []).append(name(path))
+        return {name(q): sorted(by_class.get(self.labels[q], [])) for q in self.query}
+
+
+def validation_split(
+    items: Sequence[tuple[Path, str]],
+    fraction: float = 0.2,
+    min_classes: int = 2,
+    seed: int = 0,
+    query_fraction: float = 0.25,
+    out: str | os.PathLike | None = None,
+) -> ValidationSplit:
+    """Hold out a seeded share of whole classes (open-set validation: identities training never sees).
+
+    ``items`` are ``(path, class)`` pairs (:func:`list_class_folder`). ``round(fraction * classes)`` classes, at
+    least ``min_classes`` (2), are drawn from the classes with 2 or more images (a query needs a relevant gallery
+    image), while at least 2 classes stay for training; ``fraction=0`` holds out nothing. In each held-out class a
+    seeded ``query_fraction`` of the images (at least 1, at most all but 1) are queries, the rest gallery.
+    With ``out``, writes the competition layout of the held-out classes: ``out/test/query/*``,
+    ``out/test/gallery/*``, ``out/test/ground_truth.json``, ``out/test/labels.json`` and ``out/split.json``
+    (``{"held_out": [...], "training": [...]}``); the training images stay where they are.
+    Deterministic for a seed.
+    """
+    by_class: dict[str, list[Path]] = {}
+    for path, label in items:
+        by_class.setdefault(label, []).append(Path(path))
+    classes = sorted(by_class)
+    eligible = [c for c in classes if len(by_class[c]) >= 2]
+    n_held = 0
+    if fraction > 0:
+        n_held = min(max(min_classes, int(round(fraction * len(classes)))), len(eligible), len(classes) - 2)
+    if fraction > 0 and n_held < min_classes:
+        raise DataError(f"cannot hold out {min_classes} whole classes for validation: {len(classes)} classes, "
+                        f"{len(eligible)} with 2 or more images (use --val-split images for closed-set data)")
+    rng = np.random.default_rng(seed)
+    held = sorted(eligible[i] for i in rng.permutation(len(eligible))[:n_held])
+    split = ValidationSplit(held, [c for c in classes if c not in held])
+    for label in held:
+        files = sorted(by_class[label])
+        files = [files[i] for i in rng.permutation(len(files))]
+        n_query = min(len(files) - 1, max(1, int(round(query_fraction * len(files)))))
+        split.query += files[:n_query]
+        split.gallery += files[n_query:]
+        split.labels.update({p: label for p in files})
+    if out is not None:
+        _write_validation_split(split, Path(out))
+    return split
+
+
+def _write_validation_split(split: ValidationSplit, out: Path) -> None:
+    names, _ = _unique_names([(p, split.labels[p]) for p in split.query + split.gallery])
+    for part, paths in (("query", split.query), ("gallery", split.gallery)):
+        target = out / "test" / part
+        if target.exists():
+            shutil.rmtree(target)
+        for path in paths:
+            _place(path, target / names[path])
+    labels = {part: {names[p]: split.labels[p] for p in paths}
+              for part, paths in (("query", split.query), ("gallery", split.gallery))}
+    write_json(out / "test" / "ground_truth.json", split.ground_truth(names))
+    write_json(out / "test" / "labels.json", labels)
+    write_json(out / "split.json", split.to_dict())
