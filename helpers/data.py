@@ -248,14 +248,22 @@ def load_retrieval_set(root: str | os.PathLike = DEFAULT_DATA_DIR) -> RetrievalS
 
 
 def load_ground_truth(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Read ``{query name: [relevant gallery names]}``; a single name is accepted in place of a list."""
+    """Read ``{query name: [relevant gallery names]}``; a single name is accepted in place of a list.
+
+    The course's mapping file (``query_to_gallery_mapping.json``) is accepted too: a list of
+    ``{"filename": "test_folder/query_images/x.jpg", "gallery_images": ["test_folder/gallery_images/y.jpg", ...]}``,
+    its paths reduced to the file names a submission uses (:func:`course_mapping_to_dict`).
+    """
     path = Path(path)
     try:
         raw = read_json(path)
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read ground truth {path}: {exc}") from None
+    if isinstance(raw, list):
+        raw = course_mapping_to_dict(raw, path)
     if not isinstance(raw, dict):
-        raise DataError(f"ground truth {path} must be a JSON object {{query: [gallery names]}}")
+        raise DataError(f"ground truth {path} must be a JSON object {{query: [gallery names]}} or a list "
+                        '[{"filename": query, "gallery_images": [gallery paths]}]')
     ground_truth: dict[str, list[str]] = {}
     for query, relevant in raw.items():
         if isinstance(relevant, str):
@@ -264,6 +272,37 @@ def load_ground_truth(path: str | os.PathLike) -> dict[str, list[str]]:
             raise DataError(f"ground truth {path}: entry {query!r} must be a list of gallery names")
         ground_truth[str(query)] = list(relevant)
     return ground_truth
+
+
+def _file_name(text: str, seen: dict[str, str], what: str, where: str) -> str:
+    """The file name of a path (``/`` or ``\\`` separated); a :class:`DataError` when another path of ``seen``
+    already reduced to the same name (the submission could not tell them apart)."""
+    name = text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    if not name:
+        raise DataError(f"ground truth {where}: empty {what} path {text!r}")
+    if seen.setdefault(name, text) != text:
+        raise DataError(f"ground truth {where}: {what} paths {seen[name]!r} and {text!r} both reduce to the file "
+                        f"name {name!r}, which a submission cannot tell apart; rename one of them")
+    return name
+
+
+def course_mapping_to_dict(entries: list, where: str | os.PathLike = "(list)") -> dict[str, list[str]]:
+    """The course's list ``[{"filename": query path, "gallery_images": [gallery paths]}]`` as
+    ``{query file name: [gallery file names]}``; a clear :class:`DataError` for a malformed entry, a query listed
+    twice, or two different paths with the same file name."""
+    queries: dict[str, str] = {}
+    gallery: dict[str, str] = {}
+    out: dict[str, list[str]] = {}
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str) or not isinstance(
+                entry.get("gallery_images"), list) or not all(isinstance(g, str) for g in entry["gallery_images"]):
+            raise DataError(f"ground truth {where}: entry {number} must be {{\"filename\": query path, "
+                            f"\"gallery_images\": [gallery paths]}}, got {str(entry)[:120]}")
+        if entry["filename"] in queries.values():
+            raise DataError(f"ground truth {where}: query {entry['filename']!r} is listed twice")
+        query = _file_name(entry["filename"], queries, "query", str(where))
+        out[query] = [_file_name(g, gallery, "gallery", str(where)) for g in entry["gallery_images"]]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------

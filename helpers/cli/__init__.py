@@ -14,6 +14,7 @@ from typing import Sequence
 VERB_MODULES = [
     "helpers.cli.core",
     "helpers.cli.report",
+    "helpers.cli.select",
     "helpers.cli.serve",
     "helpers.cli.text",
     "helpers.cli.train",
