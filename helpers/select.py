@@ -655,7 +655,7 @@ def select(options: SelectOptions | None = None, **overrides: Any) -> SelectOutc
     config, winner_path = write_winner(winner, data, out_dir)
     logger.info("winner: %s (weighted score %.1f on the validation split); running it on %s", winner.candidate.name,
                 winner.metrics["weighted_score"], data / "test")
-    run, submission, grid, problems = run_on_test(config, data, out_dir)
+    run, submission, grid, problems = run_on_test(config.replace(progress=options.progress), data, out_dir)
     return SelectOutcome(out_dir, out_dir / "validation", split, reused, search.results, shelf.skipped,
                          search.left_out, winner, winner_path, leaderboard, submission, grid, problems,
                          send_command(submission, data), run.metrics, time.perf_counter() - started)
