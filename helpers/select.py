@@ -82,6 +82,7 @@ class SelectOptions:
     grid: str = "quick"
     holdout_classes: float = 0.2
     train: str | None = None
+    train_epochs: int | None = None
     budget_minutes: float | None = 30.0
     seed: int = 0
     out: str | None = None
@@ -100,6 +101,8 @@ class SelectOptions:
                              f"{self.holdout_classes}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise ValueError(f"--budget-minutes must be more than 0, got {self.budget_minutes}")
+        if self.train_epochs is not None and self.train_epochs < 1:
+            raise ValueError(f"--train-epochs must be at least 1, got {self.train_epochs}")
         RetrievalConfig(k=self.k, batch_size=self.batch_size)  # their own checks
         if self.train is not None:
             from .training.recipes import RECIPES
@@ -470,7 +473,7 @@ def trained_candidate(recipe: str, data: Path, model: str, base: RetrievalConfig
     from .training import make_config, train
 
     config = make_config(recipe, data=str(data), model=model, trainable="head", val_split="classes",
-                         val_classes_fraction=options.holdout_classes, seed=options.seed,
+                         val_classes_fraction=options.holdout_classes, seed=options.seed, epochs=options.train_epochs,
                          out=str(out_dir / "train"), device=options.device, progress=options.progress)
     try:
         result = train(config)

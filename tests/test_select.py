@@ -16,8 +16,8 @@ from helpers.cli import main as cli_main
 from helpers.config import RetrievalConfig
 from helpers.data import DataError, list_images, load_ground_truth, load_retrieval_set
 from helpers.models import ModelError
-from helpers.select import (Candidate, CandidateResult, ModelShelf, Search, build_validation, embedding_candidates,
-                            fusion_candidates, postprocess_candidates, select)
+from helpers.select import (Candidate, CandidateResult, ModelShelf, Search, SelectOptions, build_validation,
+                            embedding_candidates, fusion_candidates, postprocess_candidates, select, trained_candidate)
 
 
 def _no_truth_copy(demo_data: Path, target: Path) -> Path:
@@ -127,6 +127,18 @@ def test_models_whose_weights_cannot_be_had_are_skipped_with_their_reason(monkey
     assert "skipped model resnet18" in caplog.text
     with pytest.raises(ModelError):
         shelf.available(["no-such-model"])
+
+
+def test_trained_candidate_learns_on_the_other_classes_only(demo_data, tmp_path):
+    split, _ = build_validation(demo_data, tmp_path / "validation", 0.2, seed=1)
+    options = SelectOptions(data=str(demo_data), holdout_classes=0.2, seed=1, train="circle", train_epochs=1,
+                            device="cpu", progress=False)
+    candidate = trained_candidate("circle", demo_data, "efficientnet-lite0", RetrievalConfig(device="cpu"), split,
+                                  options, tmp_path)
+    assert candidate is not None and candidate.stage == "trained" and Path(candidate.config.checkpoint).is_file()
+    config = json.loads((tmp_path / "train" / "config.json").read_text())
+    assert sorted(config["held_out"]) == split.held_out and sorted(config["classes"]) == split.training
+    assert config["trainable"] == "head" and config["epochs"] == 1
 
 
 def test_no_model_left_is_a_clear_error(demo_data, tmp_path, capsys):

@@ -42,6 +42,8 @@ def register(subparsers) -> None:
                    help="share of the training classes held out for validation, at least 2 (default: %(default)s)")
     p.add_argument("--train", default=None, metavar="RECIPE",
                    help="also fine-tune the best model's head with this recipe (e.g. circle) on the other classes")
+    p.add_argument("--train-epochs", type=int, default=None, metavar="N",
+                   help="epochs of --train (default: the recipe's, with early stopping)")
     p.add_argument("--budget-minutes", type=_minutes, default=30.0, metavar="M",
                    help="stop searching after M minutes with the best so far (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out classes (default: %(default)s)")
@@ -87,7 +89,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     if args.submit and not args.group:
         raise ValueError("--submit needs --group NAME (the name your team registered)")
     options = SelectOptions(data=args.data, models=args.model, grid=args.grid, holdout_classes=args.holdout_classes,
-                            train=args.train, budget_minutes=args.budget_minutes, seed=args.seed, out=args.out,
+                            train=args.train, train_epochs=args.train_epochs,
+                            budget_minutes=args.budget_minutes, seed=args.seed, out=args.out,
                             k=args.k, weights=args.weights, device=args.device, batch_size=args.batch_size,
                             progress=args.progress)
     outcome = select(options)
