@@ -458,12 +458,13 @@ def validation_split(
     seed: int = 0,
     query_fraction: float = 0.25,
     out: str | os.PathLike | None = None,
+    min_training: int = 2,
 ) -> ValidationSplit:
     """Hold out a seeded share of whole classes (open-set validation: identities training never sees).
 
     ``items`` are ``(path, class)`` pairs (:func:`list_class_folder`). ``round(fraction * classes)`` classes, at
     least ``min_classes`` (2), are drawn from the classes with 2 or more images (a query needs a relevant gallery
-    image), while at least 2 classes stay for training; ``fraction=0`` holds out nothing. In each held-out class a
+    image), while at least ``min_training`` (2) classes stay for training; ``fraction=0`` holds out nothing. In each held-out class a
     seeded ``query_fraction`` of the images (at least 1, at most all but 1) are queries, the rest gallery.
     With ``out``, writes the competition layout of the held-out classes: ``out/test/query/*``,
     ``out/test/gallery/*``, ``out/test/ground_truth.json``, ``out/test/labels.json`` and ``out/split.json``
@@ -477,7 +478,8 @@ def validation_split(
     eligible = [c for c in classes if len(by_class[c]) >= 2]
     n_held = 0
     if fraction > 0:
-        n_held = min(max(min_classes, int(round(fraction * len(classes)))), len(eligible), len(classes) - 2)
+        n_held = min(max(min_classes, int(round(fraction * len(classes)))), len(eligible),
+                     len(classes) - min_training)
     if fraction > 0 and n_held < min_classes:
         raise DataError(f"cannot hold out {min_classes} whole classes for validation: {len(classes)} classes, "
                         f"{len(eligible)} with 2 or more images (use --val-split images for closed-set data)")

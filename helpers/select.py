@@ -187,21 +187,22 @@ def _validation_matches(split: ValidationSplit, target: Path) -> bool:
 
 
 def build_validation(source: str | os.PathLike, out: str | os.PathLike, fraction: float = 0.2,
-                     seed: int = 0) -> tuple[ValidationSplit, bool]:
+                     seed: int = 0, min_training: int = 2) -> tuple[ValidationSplit, bool]:
     """Hold out a seeded share of the whole classes of ``source`` (``CLASS_DIR/<class>/<image>``, or a competition
     folder's ``training/``) as ``out`` in the competition layout (``out/test/query``, ``out/test/gallery``,
     ``out/test/ground_truth.json``) with ``out/classes.json`` = ``{"held_out": [...], "training": [...]}``.
 
+    At least ``min_training`` classes stay for training (0 where nothing is trained: then 3 classes are enough).
     An ``out`` that already holds the same split is reused as it is (its files keep their dates, so the embedding
     cache still knows them). Returns ``(split, reused)``; see :func:`helpers.data.validation_split`."""
     source, target = training_dir(source), Path(out)
     if target.resolve() == source.resolve() or source.resolve() in target.resolve().parents:
         raise DataError(f"the validation folder {target} must not be inside the training data {source}")
     items = list_class_folder(source)
-    split = validation_split(items, fraction, seed=seed)
+    split = validation_split(items, fraction, seed=seed, min_training=min_training)
     if _validation_matches(split, target):
         return split, True
-    validation_split(items, fraction, seed=seed, out=target)
+    validation_split(items, fraction, seed=seed, out=target, min_training=min_training)
     write_json(target / "classes.json", split.to_dict())
     return split, False
 
@@ -616,8 +617,12 @@ def _prepare(options: SelectOptions) -> tuple[Path, Path, ValidationSplit, bool]
     options.check()
     data = Path(options.data)
     load_retrieval_set(data)  # the test folder exists and holds images, before any work
+    if not (data / "training").is_dir():
+        raise DataError(f"training folder not found: {data / 'training'} (select validates on whole classes held "
+                        "out of DIR/training/<class>/*)")
     out_dir = Path(options.out) if options.out else default_out(data)
-    split, reused = build_validation(data, out_dir / "validation", options.holdout_classes, options.seed)
+    split, reused = build_validation(data, out_dir / "validation", options.holdout_classes, options.seed,
+                                     min_training=2 if options.train else 0)
     logger.info("validation: %d held-out classes (%s), %d queries, %d gallery images%s", len(split.held_out),
                 ", ".join(split.held_out), len(split.query), len(split.gallery), " (reused)" if reused else "")
     return data, out_dir, split, reused

@@ -28,13 +28,29 @@ def _no_truth_copy(demo_data: Path, target: Path) -> Path:
     return target
 
 
+def _course_shaped(demo_data: Path, target: Path) -> Path:
+    """A folder shaped as the course's example set: 3 training classes, 2 queries, 6 gallery images, no ground
+    truth (real digit scans of the demo)."""
+    for label in ("0", "1", "2"):
+        shutil.copytree(demo_data / "training" / label, target / "training" / label)
+    for part, per_class in (("query", 1), ("gallery", 3)):  # two other classes, 3 and 4
+        (target / "test" / part).mkdir(parents=True)
+        for digit in ("3", "4"):
+            for source in [p for p in list_images(demo_data / "test" / part) if p.name.startswith(f"digit{digit}_")][
+                    :per_class]:
+                shutil.copy2(source, target / "test" / part / source.name)
+    return target
+
+
 @pytest.fixture(scope="module")
 def selected(demo_data, tmp_path_factory):
-    """One `select --grid quick` over the digits demo (10 training classes of 5 images) with the offline model."""
+    """One `select --grid quick` with the offline model on a folder shaped as the course's example set."""
     root = tmp_path_factory.mktemp("select")
-    data = _no_truth_copy(demo_data, root / "comp")
-    outcome = select(data=str(data), models=["efficientnet-lite0"], grid="quick", out=str(root / "out"),
-                     device="cpu", progress=False, budget_minutes=30)
+    data = _course_shaped(demo_data, root / "comp")
+    with pytest.MonkeyPatch.context() as patch:  # the session's cache (see conftest), never the user's
+        patch.setenv("RETRIEVAL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "embedding-cache"))
+        outcome = select(data=str(data), models=["efficientnet-lite0"], grid="quick", out=str(root / "out"),
+                         device="cpu", progress=False, budget_minutes=30)
     return data, outcome
 
 
@@ -71,6 +87,16 @@ def test_validation_is_reused_when_unchanged_and_rebuilt_for_another_seed(demo_d
     other = [build_validation(demo_data, tmp_path / "v", 0.2, seed=s)[0].held_out for s in range(1, 6)]
     assert any(h != first.held_out for h in other)
     assert json.loads((tmp_path / "v" / "classes.json").read_text())["held_out"] == other[-1]
+
+
+def test_three_classes_are_enough_when_nothing_is_trained(demo_data, tmp_path):
+    source = tmp_path / "three"
+    for label in ("0", "1", "2"):
+        shutil.copytree(demo_data / "training" / label, source / label)
+    split, _ = build_validation(source, tmp_path / "v", 0.2, min_training=0)
+    assert len(split.held_out) == 2 and len(split.training) == 1
+    with pytest.raises(DataError, match="cannot hold out 2 whole classes"):
+        build_validation(source, tmp_path / "w", 0.2)  # fine-tuning needs 2 classes of its own
 
 
 def test_split_holdout_refuses_a_bad_share(demo_data, tmp_path, capsys):
@@ -141,6 +167,12 @@ def test_trained_candidate_learns_on_the_other_classes_only(demo_data, tmp_path)
     assert config["trainable"] == "head" and config["epochs"] == 1
 
 
+def test_select_needs_a_training_folder(demo_data, tmp_path, capsys):
+    shutil.copytree(demo_data / "test", tmp_path / "comp" / "test")
+    assert cli_main(["select", "--data", str(tmp_path / "comp"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "error: training folder not found" in capsys.readouterr().err
+
+
 def test_no_model_left_is_a_clear_error(demo_data, tmp_path, capsys):
     data = _no_truth_copy(demo_data, tmp_path / "comp")
     code = cli_main(["select", "--data", str(data), "--model", "efficientnet-lite0", "--weights",
@@ -181,6 +213,7 @@ def test_submission_is_valid_for_the_test_folder_without_ground_truth(selected, 
     rankings = json.loads(outcome.submission.read_text())
     assert sorted(rankings) == load_retrieval_set(data).query_names
     assert client.check_submission(rankings, k=10, data=data) == []
+    assert all(len(names) == 6 for names in rankings.values())  # the whole 6-image gallery, not 10 names
     assert outcome.grid.stat().st_size > 0
     monkeypatch.chdir(tmp_path)
     assert client.main([str(outcome.submission), "--group", "g", "--dry-run", "--data", str(data)]) == 0
@@ -188,7 +221,9 @@ def test_submission_is_valid_for_the_test_folder_without_ground_truth(selected, 
 
 
 def test_winner_config_reruns_through_retrieve_to_the_same_submission(selected, tmp_path):
-    _, outcome = selected
+    data, outcome = selected
+    assert RetrievalConfig.from_record(outcome.winner_config) == outcome.winner.candidate.config.replace(
+        data=str(data), progress=True)
     again = tmp_path / "again.json"
     assert cli_main(["retrieve", "--config", str(outcome.winner_config), "--out", str(again), "--quiet"]) == 0
     assert json.loads(again.read_text()) == json.loads(outcome.submission.read_text())
@@ -240,11 +275,7 @@ def test_course_ground_truth_list_refuses_ambiguous_file_names(tmp_path, capsys)
 
 def test_dry_run_with_data_expects_min_k_and_gallery_size_names(demo_data, tmp_path, monkeypatch, capsys):
     """The course's example set: 2 queries, 6 gallery images; a submission ranks all 6 for each query."""
-    data = tmp_path / "course"
-    for part, count in (("query", 2), ("gallery", 6)):
-        (data / "test" / part).mkdir(parents=True)
-        for source in list_images(demo_data / "test" / part)[:count]:
-            shutil.copy2(source, data / "test" / part / source.name)
+    data = _course_shaped(demo_data, tmp_path / "course")
     gallery = [p.name for p in list_images(data / "test" / "gallery")]
     rankings = {p.name: gallery for p in list_images(data / "test" / "query")}
     path = tmp_path / "six.json"
