@@ -595,7 +595,9 @@ def _search_embeddings(search: Search, models: Sequence[str], base: RetrievalCon
             per_model.append(best)
     per_model.sort(key=CandidateResult.key)
     search.run(fusion_candidates([r.candidate.config for r in per_model]))
-    if options.train and per_model and search.time_left() > 0:
+    if options.train and per_model and search.time_left() <= 0:
+        logger.warning("time budget reached: no fine-tuning")
+    elif options.train and per_model:
         best_model = per_model[0].candidate.config.models[0]
         trained = trained_candidate(options.train, data, best_model, base, split, options, search.out_dir)
         if trained is not None:

@@ -287,3 +287,20 @@ def test_dry_run_with_data_expects_min_k_and_gallery_size_names(demo_data, tmp_p
     path.write_text(json.dumps({q: names[:5] for q, names in rankings.items()}))
     assert client.main([str(path), "--group", "g", "--dry-run", "--data", str(data)]) == client.EXIT_NOT_SENT
     assert "5 names, expected 6" in capsys.readouterr().err
+
+
+def test_submit_sends_the_winner_through_the_client_and_logs_it(selected, tmp_path, monkeypatch, capsys):
+    from tests.test_client import MockCourseServer
+
+    data, outcome = selected
+    monkeypatch.setattr("helpers.select.select", lambda options: outcome)  # the selection above, not a new one
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["select", "--data", str(data), "--submit", "--url", "http://127.0.0.1:1/"]) == 2
+    assert "--submit needs --group" in capsys.readouterr().err
+    with MockCourseServer([(200, b'{"accuracy": 750.0}', 0)]) as mock:
+        code = cli_main(["select", "--data", str(data), "--submit", "--group", "team", "--url", mock.url])
+    assert code == 0 and "accuracy: 750.0" in capsys.readouterr().out
+    sent = json.loads(mock.received[0]["body"])
+    assert sent == {"groupname": "team", "images": json.loads(outcome.submission.read_text())}
+    log = client.read_log(tmp_path / "submissions" / "submit_log.jsonl")
+    assert log[-1]["outcome"] == "ok" and log[-1]["group"] == "team"

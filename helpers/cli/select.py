@@ -67,8 +67,9 @@ def _print_outcome(outcome) -> None:
     held = ", ".join(outcome.split.held_out)
     print(f"validation: {outcome.validation_dir} ({'reused' if outcome.reused_validation else 'built'}; held-out "
           f"classes: {held}; {len(outcome.split.query)} queries, {len(outcome.split.gallery)} gallery images)")
-    for name, reason in outcome.skipped_models:
-        print(f"skipped model {name}: {reason}")
+    if outcome.skipped_models:
+        print(f"{len(outcome.skipped_models)} model(s) skipped (weights not available, see above): "
+              + ", ".join(name for name, _ in outcome.skipped_models))
     scored = sum(1 for r in outcome.results if r.metrics)
     print(f"{scored} candidate(s) scored, {len(outcome.results) - scored} failed, {outcome.left_out} left out by "
           f"the time budget; {outcome.seconds:.0f} s")
