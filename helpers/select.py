@@ -519,7 +519,7 @@ def write_leaderboard(results: Sequence[CandidateResult], out_dir: Path) -> dict
     paths = {"csv": write_text(out_dir / "leaderboard.csv", frame.to_csv(index=False))}
     shown = frame.drop(columns=["error"]) if frame["error"].isna().all() else frame
     paths["md"] = write_text(out_dir / "leaderboard.md", "# Validation leaderboard\n\n" + to_markdown(shown) + "\n")
-    scored = frame.dropna(subset=["weighted_score"])
+    scored = frame.dropna(subset=["weighted_score"]).iloc[::-1]  # ties: the better rank drawn above
     if not scored.empty:
         title = "weighted score on the validation split (held-out classes)"
         paths["png"] = save_figure(plot_metric_bars(scored, "weighted_score", title), out_dir / "leaderboard.png")
