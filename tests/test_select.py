@@ -140,6 +140,14 @@ def test_budget_stops_with_the_best_so_far(tmp_path):
     assert search.best().candidate.name == done[-1].candidate.name
 
 
+def test_default_models_run_on_a_cpu_offline():
+    from helpers.models import get_spec
+    from helpers.select import default_models
+
+    models = default_models("cpu")
+    assert models[0] == "efficientnet-lite0" and get_spec(models[0]).offline_weights
+
+
 def test_models_whose_weights_cannot_be_had_are_skipped_with_their_reason(monkeypatch, caplog):
     def fake_get(self, name, pool=None):
         if name == "resnet18":

@@ -35,7 +35,7 @@ def register(subparsers) -> None:
                           "(default: %(default)s)")
     p.add_argument("--model", action="append", metavar="NAME",
                    help="a model to consider, repeatable (default: efficientnet-lite0, dinov2-vits14, clip-vit-b32 "
-                        "on a CPU; clip-vit-l14, dinov2-vitl14, clip-vit-b16 on a GPU)")
+                        "on a CPU; clip-vit-l14, dinov2-vitl14, clip-vit-b16, efficientnet-lite0 on a GPU)")
     p.add_argument("--grid", choices=GRIDS, default="quick",
                    help="how many candidates: quick (6 for one model), default, full (default: %(default)s)")
     p.add_argument("--holdout-classes", type=_share, default=0.2, metavar="F",
