@@ -69,7 +69,7 @@ def test_split_holdout_classes_writes_a_validation_of_training_classes_only(demo
     assert set(labels["query"].values()) | set(labels["gallery"].values()) == set(classes["held_out"])
     validation = load_retrieval_set(out / "validation")
     training_names = {p.name for c in classes["held_out"] for p in list_images(demo_data / "training" / c)}
-    test_names = {p.name for p in list_images(demo_data / "test" / "query") + list_images(demo_data / "test" / "gallery")}
+    test_names = {p.name for part in ("query", "gallery") for p in list_images(demo_data / "test" / part)}
     names = set(validation.query_names) | set(validation.gallery_names)
     assert names <= training_names and not names & test_names  # held-out training images only, never a test image
     for query, relevant in validation.ground_truth.items():
@@ -118,7 +118,8 @@ def test_quick_grid_has_at_least_four_candidates_for_one_model():
     assert len({c.name for c in embedding + post}) == len(embedding + post)
     default = postprocess_candidates(embedding[0].config, "default")
     assert len(default) > len(post) and {c.config.k1 for c in default} >= {10, 20, 30}
-    fused = fusion_candidates([embedding[0].config, RetrievalConfig(model="resnet18"), RetrievalConfig(model="vit-b16")])
+    others = [RetrievalConfig(model="resnet18"), RetrievalConfig(model="vit-b16")]
+    fused = fusion_candidates([embedding[0].config] + others)
     assert [c.config.models for c in fused] == [["efficientnet-lite0", "resnet18"]] * 2 + [
         ["efficientnet-lite0", "resnet18", "vit-b16"]]
 
@@ -245,7 +246,8 @@ def test_winner_config_reruns_through_retrieve_to_the_same_submission(selected, 
 # --------------------------------------------------------------------------------------------------------------
 def _course_list(queries: dict[str, list[str]]) -> list[dict]:
     return [{"filename": f"test_folder/query_images/{q}",
-             "gallery_images": [f"test_folder/gallery_images/{g}" for g in relevant]} for q, relevant in queries.items()]
+             "gallery_images": [f"test_folder/gallery_images/{g}" for g in relevant]}
+            for q, relevant in queries.items()]
 
 
 def test_course_ground_truth_list_is_read_as_file_names(demo_data, tmp_path, capsys):
