@@ -1,4 +1,11 @@
-"""Fine-tuning on CIFAR-10: frozen backbone vs head-only Circle loss vs full fine-tuning (hit@1, weighted score, wall times).
+"""Fine-tuning: closed set (CIFAR-10 classes seen in training) or open set (held-out classes); hit@1, map@10, wall times.
+
+``--protocol open``: train on half of the classes of Imagenette and CIFAR-10, test retrieval on the other half
+(see :mod:`benchmarks.training_open_set`):
+
+    python -m benchmarks training --protocol open --device cpu      # the README's open-set tables
+
+``--protocol closed`` (default):
 
 Trains on ``cifar10-train-1000`` (10 classes x 1,000 images) and evaluates on a split of ``cifar10-test``
 (``--query-per-class`` queries and ``--gallery-per-class`` gallery images per class). Full fine-tuning runs at
@@ -43,6 +50,21 @@ def _subset(source: Path, per_class: int, out: Path) -> Path:
     return out
 
 
+def _open_set_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("open set (--protocol open)")
+    group.add_argument("--protocol", choices=("closed", "open"), default="closed")
+    group.add_argument("--open-datasets", nargs="+", default=["imagenette", "cifar10"], choices=["imagenette", "cifar10"])
+    group.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="class splits (default: 0 1 2)")
+    group.add_argument("--losses", nargs="+", default=["circle", "ce", "arcface", "supcon"], help="head-only recipes")
+    group.add_argument("--full-losses", nargs="+", default=["ce", "circle"], help="blocks:N / full fine-tuning recipes")
+    group.add_argument("--blocks", type=int, default=2, help="N of blocks:N (default: 2)")
+    group.add_argument("--open-train-per-class", type=int, default=60, help="training images per class, head-only")
+    group.add_argument("--full-per-class", type=int, default=40, help="training images per class, fine-tuning")
+    group.add_argument("--open-k", type=int, default=4, help="images per class in a P-K batch of fine-tuning (P=5)")
+    group.add_argument("--open-query-per-class", type=int, default=10)
+    group.add_argument("--open-gallery-per-class", type=int, default=40)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks training", description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default=str(DATASETS), help="folder holding cifar10-train-1000 and cifar10-test")
@@ -64,7 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=None, help="image decoding processes (default: CPUs - 1, max 8)")
     parser.add_argument("--out", default=None, help="keep the run folders here (default: a temporary folder)")
+    _open_set_options(parser)
     args = parser.parse_args(argv)
+    if args.protocol == "open":
+        from .training_open_set import run_open_set
+
+        work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-open-set-"))
+        args.full_input_size = args.full_input_size or 96
+        args.workers = args.workers if args.workers is not None else 0
+        os.environ.setdefault("RETRIEVAL_CACHE_DIR", str(work / "cache"))
+        return run_open_set(args, work)
 
     import torch
 

@@ -128,13 +128,15 @@ def encode_payload(payload: Mapping[str, Any]) -> bytes:
 
 def check_submission(rankings: Rankings, k: int = 10, data: str | os.PathLike | None = None) -> list[str]:
     """Problems with ``rankings`` (empty: valid): k distinct non-empty names per query; with ``data`` every query
-    and gallery name must exist in ``data``'s ``test/query`` and ``test/gallery`` folders."""
+    and gallery name must exist in ``data``'s ``test/query`` and ``test/gallery`` folders, and a gallery smaller
+    than k asks for ``min(k, gallery size)`` names per query."""
     if data is None:
         return validate_submission(rankings, k=k)
     from .data import load_retrieval_set
 
     dataset = load_retrieval_set(data)
-    return validate_submission(rankings, k=k, query_names=dataset.query_names, gallery_names=dataset.gallery_names)
+    return validate_submission(rankings, k=min(k, len(dataset.gallery_names)), query_names=dataset.query_names,
+                               gallery_names=dataset.gallery_names)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -585,7 +587,8 @@ def build_parser(prog: str = "submit.py") -> argparse.ArgumentParser:
                              "submission twice)")
     parser.add_argument("--backoff", type=float, default=1.0, metavar="S",
                         help="first wait between tries, doubled each time (default: %(default)s)")
-    parser.add_argument("--k", type=int, default=10, help="names expected per query (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=10,
+                        help="names expected per query; with --data at most the gallery size (default: %(default)s)")
     parser.add_argument("--data", metavar="DIR", default=None,
                         help="dataset folder: also check every query and gallery name exists in DIR/test/*")
     parser.add_argument("--force", action="store_true", help="send even if validation finds problems")

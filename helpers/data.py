@@ -425,14 +425,22 @@ def load_retrieval_set(root: str | os.PathLike = DEFAULT_DATA_DIR) -> RetrievalS
 
 
 def load_ground_truth(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Read ``{query name: [relevant gallery names]}``; a single name is accepted in place of a list."""
+    """Read ``{query name: [relevant gallery names]}``; a single name is accepted in place of a list.
+
+    The course's mapping file (``query_to_gallery_mapping.json``) is accepted too: a list of
+    ``{"filename": "test_folder/query_images/x.jpg", "gallery_images": ["test_folder/gallery_images/y.jpg", ...]}``,
+    its paths reduced to the file names a submission uses (:func:`course_mapping_to_dict`).
+    """
     path = Path(path)
     try:
         raw = read_json(path)
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read ground truth {path}: {exc}") from None
+    if isinstance(raw, list):
+        raw = course_mapping_to_dict(raw, path)
     if not isinstance(raw, dict):
-        raise DataError(f"ground truth {path} must be a JSON object {{query: [gallery names]}}")
+        raise DataError(f"ground truth {path} must be a JSON object {{query: [gallery names]}} or a list "
+                        '[{"filename": query, "gallery_images": [gallery paths]}]')
     ground_truth: dict[str, list[str]] = {}
     for query, relevant in raw.items():
         if isinstance(relevant, str):
@@ -441,6 +449,37 @@ def load_ground_truth(path: str | os.PathLike) -> dict[str, list[str]]:
             raise DataError(f"ground truth {path}: entry {query!r} must be a list of gallery names")
         ground_truth[str(query)] = list(relevant)
     return ground_truth
+
+
+def _file_name(text: str, seen: dict[str, str], what: str, where: str) -> str:
+    """The file name of a path (``/`` or ``\\`` separated); a :class:`DataError` when another path of ``seen``
+    already reduced to the same name (the submission could not tell them apart)."""
+    name = text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    if not name:
+        raise DataError(f"ground truth {where}: empty {what} path {text!r}")
+    if seen.setdefault(name, text) != text:
+        raise DataError(f"ground truth {where}: {what} paths {seen[name]!r} and {text!r} both reduce to the file "
+                        f"name {name!r}, which a submission cannot tell apart; rename one of them")
+    return name
+
+
+def course_mapping_to_dict(entries: list, where: str | os.PathLike = "(list)") -> dict[str, list[str]]:
+    """The course's list ``[{"filename": query path, "gallery_images": [gallery paths]}]`` as
+    ``{query file name: [gallery file names]}``; a clear :class:`DataError` for a malformed entry, a query listed
+    twice, or two different paths with the same file name."""
+    queries: dict[str, str] = {}
+    gallery: dict[str, str] = {}
+    out: dict[str, list[str]] = {}
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str) or not isinstance(
+                entry.get("gallery_images"), list) or not all(isinstance(g, str) for g in entry["gallery_images"]):
+            raise DataError(f"ground truth {where}: entry {number} must be {{\"filename\": query path, "
+                            f"\"gallery_images\": [gallery paths]}}, got {str(entry)[:120]}")
+        if entry["filename"] in queries.values():
+            raise DataError(f"ground truth {where}: query {entry['filename']!r} is listed twice")
+        query = _file_name(entry["filename"], queries, "query", str(where))
+        out[query] = [_file_name(g, gallery, "gallery", str(where)) for g in entry["gallery_images"]]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -557,3 +596,95 @@ def split_dataset(
     write_json(out / "test" / "ground_truth.json", ground_truth)
     write_json(out / "test" / "labels.json", labels)
     return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Held-out classes: validation of open-set training, and a competition-layout split of unseen classes
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class ValidationSplit:
+    """Whole classes held out of training, with a query/gallery split of their images.
+
+    ``held_out`` and ``training`` are class names; ``query`` and ``gallery`` the held-out images (every held-out
+    class has at least one of each); ``labels`` maps each held-out image to its class. ``to_dict()`` is the JSON
+    record ``{"held_out": [...], "training": [...]}``.
+    """
+
+    held_out: list[str]
+    training: list[str]
+    query: list[Path] = field(default_factory=list)
+    gallery: list[Path] = field(default_factory=list)
+    labels: dict[Path, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"held_out": list(self.held_out), "training": list(self.training)}
+
+    def ground_truth(self, names: dict[Path, str] | None = None) -> dict[str, list[str]]:
+        """Each query -> the gallery images of its class (by ``names[path]``, default the path as text)."""
+        name = (lambda p: names[p]) if names else str  # noqa: E731
+        by_class: dict[str, list[str]] = {}
+        for path in self.gallery:
+            by_class.setdefault(self.labels[path], []).append(name(path))
+        return {name(q): sorted(by_class.get(self.labels[q], [])) for q in self.query}
+
+
+def validation_split(
+    items: Sequence[tuple[Path, str]],
+    fraction: float = 0.2,
+    min_classes: int = 2,
+    seed: int = 0,
+    query_fraction: float = 0.25,
+    out: str | os.PathLike | None = None,
+    min_training: int = 2,
+) -> ValidationSplit:
+    """Hold out a seeded share of whole classes (open-set validation: identities training never sees).
+
+    ``items`` are ``(path, class)`` pairs (:func:`list_class_folder`). ``round(fraction * classes)`` classes, at
+    least ``min_classes`` (2), are drawn from the classes with 2 or more images (a query needs a relevant gallery
+    image), while at least ``min_training`` (2) classes stay for training; ``fraction=0`` holds out nothing. In each held-out class a
+    seeded ``query_fraction`` of the images (at least 1, at most all but 1) are queries, the rest gallery.
+    With ``out``, writes the competition layout of the held-out classes: ``out/test/query/*``,
+    ``out/test/gallery/*``, ``out/test/ground_truth.json``, ``out/test/labels.json`` and ``out/split.json``
+    (``{"held_out": [...], "training": [...]}``); the training images stay where they are.
+    Deterministic for a seed.
+    """
+    by_class: dict[str, list[Path]] = {}
+    for path, label in items:
+        by_class.setdefault(label, []).append(Path(path))
+    classes = sorted(by_class)
+    eligible = [c for c in classes if len(by_class[c]) >= 2]
+    n_held = 0
+    if fraction > 0:
+        n_held = min(max(min_classes, int(round(fraction * len(classes)))), len(eligible),
+                     len(classes) - min_training)
+    if fraction > 0 and n_held < min_classes:
+        raise DataError(f"cannot hold out {min_classes} whole classes for validation: {len(classes)} classes, "
+                        f"{len(eligible)} with 2 or more images (use --val-split images for closed-set data)")
+    rng = np.random.default_rng(seed)
+    held = sorted(eligible[i] for i in rng.permutation(len(eligible))[:n_held])
+    split = ValidationSplit(held, [c for c in classes if c not in held])
+    for label in held:
+        files = sorted(by_class[label])
+        files = [files[i] for i in rng.permutation(len(files))]
+        n_query = min(len(files) - 1, max(1, int(round(query_fraction * len(files)))))
+        split.query += files[:n_query]
+        split.gallery += files[n_query:]
+        split.labels.update({p: label for p in files})
+    if out is not None:
+        _write_validation_split(split, Path(out))
+    return split
+
+
+def _write_validation_split(split: ValidationSplit, out: Path) -> None:
+    names, _ = _unique_names([(p, split.labels[p]) for p in split.query + split.gallery])
+    for part, paths in (("query", split.query), ("gallery", split.gallery)):
+        target = out / "test" / part
+        if target.exists():
+            shutil.rmtree(target)
+        for path in paths:
+            _place(path, target / names[path])
+    labels = {part: {names[p]: split.labels[p] for p in paths}
+              for part, paths in (("query", split.query), ("gallery", split.gallery))}
+    write_json(out / "test" / "ground_truth.json", split.ground_truth(names))
+    write_json(out / "test" / "labels.json", labels)
+    write_json(out / "split.json", split.to_dict())

@@ -544,3 +544,45 @@ def test_cli_retrieve_with_random_weights_writes_a_valid_submission(name, extra,
                                gallery_names=[p.name for p in dataset.gallery_paths]) == []
     record = json.loads(metrics.read_text())
     assert record["model_name"] == name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stages (stem, ordered blocks, neck) per family
+# --------------------------------------------------------------------------------------------------------------
+#: one registered name per family -> (blocks, the prefix(es) of the last block, a neck parameter or None)
+STAGE_CASES = {
+    "clip": ("clip-vit-b32", 12, "model.visual.transformer.resblocks.11.", "model.visual.ln_post.weight"),
+    "efficientnet": ("efficientnet-lite0", 7, "model.blocks.6.", "model.conv_head.weight"),
+    "resnet": ("resnet18", 4, "model.layer4.", None),
+    "googlenet": ("googlenet", 3, ("model.inception5a.", "model.inception5b."), None),
+    "face": ("facenet-vggface2", 3, ("mixed_7a.", "repeat_3.", "block8."), "last_linear.weight"),
+    "dinov2": ("dinov2-vits14", 12, "model.blocks.11.", "model.norm.weight"),
+    "vit": ("vit-b16", 12, "model.layers.11.", "model.layernorm.weight"),
+}
+
+
+def test_every_registered_family_has_a_stage_case():
+    assert {spec.family for spec in list_models()} == set(STAGE_CASES)
+
+
+@pytest.mark.parametrize("family", sorted(STAGE_CASES))
+def test_stage_counts_of_every_family(family):
+    from helpers.models.stages import backbone_stages
+
+    name, n_blocks, last_block, neck = STAGE_CASES[family]
+    network = load_model(name, weights="none").network
+    stages = backbone_stages(network, name)
+    assert stages.n_blocks == n_blocks
+    assert stages.blocks[-1][0][0].startswith(last_block)
+    assert all(n.startswith(last_block) for n, _ in stages.blocks[-1])
+    assert stages.stem and (neck is None and not stages.neck or neck in dict(stages.neck))
+    every = [id(p) for part in (stages.stem, *stages.blocks, stages.neck, stages.pooling, stages.unused)
+             for _, p in part]
+    assert sorted(every) == sorted(id(p) for p in network.parameters())  # each tensor in exactly one stage
+
+
+def test_an_unknown_layout_is_an_error_naming_the_model():
+    from helpers.models.stages import backbone_stages
+
+    with pytest.raises(ModelError, match="unknown layer layout for model mystery-net"):
+        backbone_stages(torch.nn.Sequential(torch.nn.Linear(2, 2)), "mystery-net")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers.training.losses import Criterion, PKSampler, balanced_pairs
-from helpers.training.optim import backbone_layers, make_optimizer, make_scheduler, param_groups, warmup_cosine_factor
+from helpers.training.optim import make_optimizer, make_scheduler, param_groups, warmup_cosine_factor
 from helpers.training.recipes import RECIPES, make_config
 
 SMALL = dict(input_size=32, classes_per_batch=4, images_per_class=4, progress=False, num_workers=0)
@@ -117,57 +117,128 @@ def test_miner_starts_at_configured_epoch():
 # --------------------------------------------------------------------------------------------------------------
 # Optimiser groups and schedule
 # --------------------------------------------------------------------------------------------------------------
-class _ToyBlocks(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = torch.nn.Linear(4, 4)
-        self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(4)])
-        self.norm = torch.nn.LayerNorm(4)
+def test_plan_of_clip_gem_circle_gives_the_recipe_rates_to_every_trainable_tensor_once():
+    """ViT-B/32 (12 blocks): block i at 4e-4 * 0.65 ** (11 - i), stem and neck 4e-5, head 4e-4, weight decay 0.05."""
+    from helpers.training.loop import build_trainable
+
+    config = make_config("clip-gem-circle", model="clip-vit-b32", weights="none")
+    net, _, _ = build_trainable(config, torch.device("cpu"))
+    groups = param_groups(net, None, config.lr, config.head_lr, config.backbone_lr, config.weight_decay,
+                          config.layer_decay)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in net.parameters() if p.requires_grad}
+    rates = {g["group"]: g["lr"] for g in groups}
+    assert {k for k in rates if k.startswith("block.")} == {f"block.{i}" for i in range(12)}
+    for i in range(12):
+        assert rates[f"block.{i}"] == pytest.approx(4e-4 * 0.65 ** (11 - i), rel=1e-12)
+    assert rates["stem"] == rates["neck"] == 4e-5 and rates["head"] == 4e-4
+    assert {g["weight_decay"] for g in groups} == {0.05, 0.0}
+    visual = net.backbone.network.model.visual
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(visual.conv1.weight)] == lr_of[id(visual.positional_embedding)] == 4e-5
+    assert lr_of[id(visual.ln_post.weight)] == 4e-5
+    assert lr_of[id(net.backbone.network.gem.p)] == 4e-4  # GeM's p trains with the head
+    assert not any(p.requires_grad for p in net.backbone.network.model.transformer.parameters())  # text tower
 
 
-class _ToyNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.backbone = torch.nn.Module()
-        self.backbone.network = _ToyBlocks()
-        self.head = torch.nn.Linear(4, 2, bias=False)
+def test_plan_verb_for_resnet18_blocks_1_trains_only_layer4_the_neck_and_the_head(tmp_path, capsys):
+    from helpers.cli import main
+    from helpers.training.loop import build_trainable
+
+    out = tmp_path / "plan"
+    assert main(["train", "--model", "resnet18", "--weights", "none", "--trainable", "blocks:1", "--plan",
+                 "--data", str(tmp_path / "none"), "--out", str(out)]) == 0
+    assert "| block.3 |" in capsys.readouterr().out
+    rows = json.loads((out / "param_groups.json").read_text())
+    assert {r["group"] for r in rows} == {"block.3", "head"}
+    assert {r["lr"] for r in rows if r["group"] == "block.3"} == {1e-4}
+    assert {r["lr"] for r in rows if r["group"] == "head"} == {1e-3}
+    assert set(rows[0]) == {"group", "tensors", "numel", "lr", "weight_decay"}
+    config = make_config("circle", model="resnet18", weights="none", trainable="blocks:1")
+    net, _, _ = build_trainable(config, torch.device("cpu"))
+    trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert sum(r["tensors"] for r in rows) == len(trainable)
+    backbone = [n for n in trainable if n.startswith("backbone.network.model.")]
+    assert backbone and all(n.startswith("backbone.network.model.layer4.") for n in backbone)
+    assert {n for n in trainable if not n.startswith("backbone.network.model.")} == {
+        "backbone.network.gem.p", "head.linear.weight", "head.bn.weight", "head.bn.bias"}
+    with pytest.raises(ValueError, match="has 4 blocks"):
+        build_trainable(make_config("circle", model="resnet18", weights="none", trainable="blocks:5"),
+                        torch.device("cpu"))
 
 
-def test_llrd_groups_have_exactly_the_configured_rates():
-    net = _ToyNet()
-    groups = param_groups(net, None, lr=1e-4, head_lr=1e-3, weight_decay=0.05, layer_decay=0.65)
-    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
-    bb = net.backbone.network
-    # layers: stem (0), blocks 1-4, norm (5): layer i at lr * 0.65 ** (5 - i)
-    assert lr_of[id(bb.stem.weight)] == (1e-4 * 0.65 ** 5, 0.05)
-    assert lr_of[id(bb.stem.bias)] == (1e-4 * 0.65 ** 5, 0.0)
-    for i, block in enumerate(bb.blocks, start=1):
-        assert lr_of[id(block.weight)] == (1e-4 * 0.65 ** (5 - i), 0.05)
-    assert lr_of[id(bb.norm.weight)] == (1e-4, 0.0)
-    assert lr_of[id(net.head.weight)] == (1e-3, 0.05)
-    assert len(lr_of) == sum(1 for _ in net.parameters())  # every parameter exactly once
+def test_frozen_stages_keep_their_batch_norm_statistics_across_blocks_training(cifar_split):
+    from helpers.data import list_class_folder, load_image
+    from helpers.training.loop import _train_mode, build_trainable, train_transform
+    from helpers.training.model import feature_preprocessing
+
+    torch.manual_seed(0)
+    config = make_config("circle", model="resnet18", weights="none", trainable="blocks:1", **SMALL)
+    net, base, _ = build_trainable(config, torch.device("cpu"))
+    items = list_class_folder(cifar_split / "training")[:8]
+    transform = train_transform(feature_preprocessing(base, 32), config)
+    x = torch.stack([transform(load_image(p)) for p, _ in items])
+    y = torch.tensor([i // 4 for i in range(8)])
+    bns = {n: m for n, m in net.backbone.network.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    before = {n: m.running_mean.clone() for n, m in bns.items()}
+    criterion = Criterion(config, num_classes=2, embedding_size=512)
+    opt = make_optimizer(net, criterion, 1e-4, 1e-3, 1e-5)
+    for _ in range(2):
+        _train_mode(net)
+        loss = criterion(net(x), y, 1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    frozen = [n for n in bns if not n.startswith("model.layer4.")]
+    assert frozen and all(torch.equal(bns[n].running_mean, before[n]) for n in frozen)
+    assert all(not torch.equal(bns[n].running_mean, before[n]) for n in bns if n.startswith("model.layer4."))
 
 
-def test_llrd_over_efficientnet_stages_and_frozen_blocks():
-    from helpers.training.loop import set_trainable
-    from helpers.training.model import build_network
+@pytest.mark.parametrize("model", ["efficientnet-lite0", "clip-vit-b32"])
+def test_the_training_transform_uses_the_models_own_mean_and_std(model):
+    from PIL import Image
 
-    config = make_config("circle", weights="none", trainable="blocks:2", **SMALL)
-    net, _ = build_network(config)
-    set_trainable(net, config.trainable)
-    groups = param_groups(net, None, lr=1e-4, head_lr=1e-3, layer_decay=0.65)
-    layer_lrs = sorted({g["lr"] for g in groups if g["name"].startswith("layer_")}, reverse=True)
-    # trainable: conv_head/bn2 (top layer), the last two stages of blocks
-    assert layer_lrs == pytest.approx([1e-4, 1e-4 * 0.65, 1e-4 * 0.65 ** 2])
-    trainable = {id(p) for p in net.parameters() if p.requires_grad}
-    assert {id(p) for g in groups for p in g["params"]} == trainable
-    layers = backbone_layers(net.backbone.network)
-    assert len(layers) == 9  # stem, 7 stages, conv head
-    assert not any(p.requires_grad for layer in layers[:-3] for _, p in layer)
-    assert all(p.requires_grad for layer in layers[-3:] for _, p in layer)
-    gem_p = [p for n, p in net.named_parameters() if n.endswith("gem.p")]
-    assert len(gem_p) == 1 and gem_p[0].requires_grad and all(p.requires_grad for p in net.head.parameters())
-    assert {g["lr"] for g in groups if any(p is gem_p[0] for p in g["params"])} == {1e-3}
+    from helpers.models import get_spec
+    from helpers.training.loop import train_transform
+
+    prep = get_spec(model).preprocessing
+    config = make_config("circle", color_jitter=0, grayscale_p=0, erasing_p=0)
+    out = train_transform(prep, config)(Image.new("RGB", (40, 40), (100, 150, 200)))
+    expected = [(v / 255 - m) / s for v, m, s in zip((100, 150, 200), prep.mean, prep.std)]
+    assert [float(out[c].mean()) for c in range(3)] == pytest.approx(expected, abs=1e-4)
+
+
+def test_gradient_accumulation_of_2_equals_a_doubled_batch():
+    from helpers.training.loop import Stepper, run_epoch
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5), torch.randn(8, 3)
+
+    def trained(batches, accum):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(5, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        stepper = Stepper(opt, sched, torch.amp.GradScaler("cuda", enabled=False), accum, 0.0)
+        run_epoch(model, lambda out, target, epoch: ((out - target) ** 2).mean(), batches, stepper, 1)
+        return model.weight.detach().clone()
+
+    halves = [(x[:4], y[:4]), (x[4:], y[4:])]
+    doubled = trained([(x, y)], 1)
+    assert torch.allclose(trained(halves, 2), doubled, atol=1e-6)
+    assert not torch.allclose(trained(halves, 1), doubled, atol=1e-4)  # two steps are not one
+
+
+def test_gem_exponent_is_kept_at_one_or_more():
+    from helpers.models.pooling import GeM
+
+    pool = GeM()
+    x = torch.rand(2, 3, 4, 4) + 0.1
+    with torch.no_grad():
+        pool.p.fill_(0.2)
+    assert torch.allclose(pool(x), x.mean(dim=(-2, -1)), atol=1e-5)  # used as p=1 (average pooling)
+    pool.clamp_()
+    assert float(pool.p) == 1.0
 
 
 def test_warmup_then_cosine_schedule():
@@ -179,8 +250,8 @@ def test_warmup_then_cosine_schedule():
     assert f[15 + 85 // 2] == pytest.approx(0.5 * (1 + math.cos(math.pi * (85 // 2) / 85)))
     assert warmup_cosine_factor(total, total, warmup) == pytest.approx(0.0)
 
-    net = _ToyNet()
-    opt = make_optimizer(net, None, lr=1e-4, head_lr=1e-3)
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW([{"params": [net.weight], "lr": 1e-4}, {"params": [net.bias], "lr": 1e-3}])
     sched = make_scheduler(opt, total_steps=20, warmup_fraction=0.15)  # ceil(3.0) = 3 warm-up steps
     assert [g["initial_lr"] for g in opt.param_groups] == [g["lr"] / (1 / 3) for g in opt.param_groups]
     seen = []
@@ -244,7 +315,7 @@ def test_a_few_steps_on_real_images_lower_the_loss(cifar_split):
     y = torch.tensor([i // 4 for i in range(8)])
     assert len({items[i][1] for i in chosen}) == 2
     criterion = Criterion(config, num_classes=2, embedding_size=512)
-    opt = make_optimizer(net, criterion, lr=1e-4, head_lr=1e-3)
+    opt = make_optimizer(net, criterion, lr=1e-4, head_lr=1e-3, backbone_lr=1e-5)
     net.train()  # the training objective (batch statistics), with the same dropout mask for both measurements
 
     def loss_now():
@@ -371,8 +442,6 @@ def test_tensors_the_image_embedding_never_uses_stay_frozen():
     assert unused == ["network.text.weight", "network.text.bias"]
     assert not net.backbone.network.text.weight.requires_grad and net.backbone.network.conv.weight.requires_grad
     assert torch.equal(net.backbone.network.bn.running_mean, running_mean)  # statistics untouched
-    groups = param_groups(net, None, lr=1e-4, head_lr=1e-3)
-    assert all(p is not net.backbone.network.text.weight for g in groups for p in g["params"])
 
 
 def test_simclr_learns_from_unlabeled_query_and_gallery_images(cifar_split, tmp_path):
@@ -417,3 +486,131 @@ def test_mirrored_feature_extractor_sees_the_mirror_image_and_caches_separately(
         assert torch.allclose(mirrored(x), plain(torch.flip(x, dims=[3])), atol=1e-5)
         assert not torch.allclose(mirrored(x), plain(x), atol=1e-3)
     assert mirrored.cache_key() != plain.cache_key()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Held-out classes, bad input, offline reload, seeding, recorded rates
+# --------------------------------------------------------------------------------------------------------------
+def _tiny_folder(root, cifar_split, per_class: int = 6, corrupt: bool = False):
+    """Links to the CIFAR training images of ``cifar_split``; ``corrupt`` adds one broken JPEG."""
+    import os
+
+    from helpers.data import list_class_folder
+
+    taken: dict[str, int] = {}
+    for path, label in list_class_folder(cifar_split / "training"):
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            (root / label).mkdir(parents=True, exist_ok=True)
+            os.link(path, root / label / path.name)
+    if corrupt:
+        (root / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    return root
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_the_class_split_never_shares_a_class_between_training_and_validation(seed, tmp_path):
+    from PIL import Image
+
+    from helpers.data import validation_split
+
+    items = []
+    for c in range(12):
+        for i in range(3 + c % 4):
+            path = tmp_path / "src" / f"c{c}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (20 * c, 10 * i, 0)).save(path)
+            items.append((path, f"c{c}"))
+    tmp_path = tmp_path / "out"
+    split = validation_split(items, 0.2, seed=seed, out=tmp_path)
+    assert not set(split.held_out) & set(split.training)
+    assert sorted(split.held_out + split.training) == sorted({c for _, c in items})
+    assert len(split.held_out) == round(0.2 * 12)
+    assert {split.labels[p] for p in split.query + split.gallery} == set(split.held_out)
+    truth = json.loads((tmp_path / "test" / "ground_truth.json").read_text())
+    assert len(truth) == len(split.query) and all(truth.values())
+    assert json.loads((tmp_path / "split.json").read_text()) == split.to_dict()
+    assert validation_split(items, 0.01, seed=seed).held_out.__len__() == 2  # at least 2 classes
+
+
+def test_full_training_leaves_out_a_corrupt_image_and_its_checkpoint_reloads_offline(cifar_split, tmp_path,
+                                                                                    monkeypatch):
+    """Started from a local weight file that is then deleted; reloaded with HF_HUB_OFFLINE=1."""
+    from helpers.cli import main
+    from helpers.models import load_model, save_weights
+    from helpers.training import load_checkpoint_model
+
+    data = _tiny_folder(tmp_path / "data", cifar_split, corrupt=True)
+    weights = save_weights(load_model("resnet18", weights="none"), tmp_path / "start.pt")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--model", "resnet18", "--weights", str(weights), "--trainable",
+                 "all", "--epochs", "1", "--input-size", "32", "--classes-per-batch", "4", "--out", str(out),
+                 "--quiet"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["skipped"] == [str(data / "cat" / "broken.jpg")]
+    assert any("broken.jpg" in note for note in saved["notes"])
+    assert saved["val_split"] == "classes" and len(saved["held_out"]) == 2
+    assert not set(saved["held_out"]) & set(saved["classes"])
+    weights.unlink()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        first = load_checkpoint_model(out / "best.pt")(x)
+        again = load_checkpoint_model(out / "best.pt")(x)
+    assert torch.equal(first, again) and first.shape == (2, 512)
+
+
+def test_resume_from_a_truncated_or_foreign_last_pt_is_a_one_line_error(tmp_path, capsys):
+    from helpers.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert main(["train", "--data", str(tmp_path), "--out", str(out), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot resume from") and "\n" not in err
+    torch.save({"weights": torch.zeros(2)}, out / "last.pt")
+    assert main(["train", "--data", str(tmp_path), "--out", str(out), "--resume", "--quiet"]) == 2
+    assert "not a last.pt written by" in capsys.readouterr().err
+
+
+def test_same_seed_same_head_only_run_with_a_cold_and_a_warm_cache(cifar_split, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from helpers.training import train
+
+    monkeypatch.setenv("RETRIEVAL_CACHE_DIR", str(tmp_path / "cache"))
+    config = make_config("circle", data=str(cifar_split), trainable="head", epochs=2, seed=3, **SMALL)
+    cold = train(replace(config, out=str(tmp_path / "a")))
+    warm = train(replace(config, out=str(tmp_path / "b")))
+    assert [h["train_loss"] for h in cold.history] == [h["train_loss"] for h in warm.history]
+    a, b = (torch.load(r.best_path, weights_only=True)["model"] for r in (cold, warm))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_history_records_the_head_and_top_block_rates_used_in_each_epoch(trained_run):
+    full, config = trained_run
+    saved = json.loads((full.run_dir / "config.json").read_text())
+    steps = saved["optimizer_steps"] // config.epochs
+    warmup = math.ceil(config.warmup_fraction * saved["optimizer_steps"])
+    for epoch, row in enumerate(full.history):
+        factors = [warmup_cosine_factor(s, saved["optimizer_steps"], warmup)
+                   for s in range(epoch * steps, (epoch + 1) * steps)]
+        assert row["lr_head"] == pytest.approx(config.head_lr * np.mean(factors))
+        assert row["lr_top_block"] == pytest.approx(config.lr * np.mean(factors))
+    history = json.loads((full.run_dir / "history.json").read_text())
+    assert history["val_split"] == "classes"
+
+
+def test_clip_input_size_resamples_the_position_embedding():
+    from helpers.models import ModelError
+    from helpers.training.model import build_network
+
+    net, _ = build_network(make_config("clip-gem-circle", model="clip-vit-b32", weights="none", input_size=64))
+    visual = net.backbone.network.model.visual
+    assert tuple(visual.positional_embedding.shape) == (1 + 2 * 2, 768)
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 64, 64)).shape == (2, 512)
+    with pytest.raises(ModelError, match="multiple of the patch size"):
+        build_network(make_config("clip-gem-circle", model="clip-vit-b32", weights="none", input_size=70))

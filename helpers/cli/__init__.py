@@ -16,6 +16,7 @@ VERB_MODULES = [
     "helpers.cli.core",
     "helpers.cli.index",
     "helpers.cli.report",
+    "helpers.cli.select",
     "helpers.cli.serve",
     "helpers.cli.text",
     "helpers.cli.train",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .common import add_k, add_model, positive_int
 
@@ -25,6 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--query-per-class", type=positive_int, default=5, metavar="Q", help="default: %(default)s")
     p.add_argument("--gallery-per-class", type=positive_int, default=20, metavar="G", help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--holdout-classes", type=float, default=None, metavar="F",
+                   help="instead: hold out this share of whole classes (at least 2) of --source (DIR/training) as "
+                        "OUT/validation/ with ground truth and classes.json; the other classes stay for training")
     p.set_defaults(func=cmd_split)
 
     p = subparsers.add_parser("retrieve", help="rank the gallery for every query; evaluate if ground truth exists")
@@ -69,6 +73,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
     from ..data import split_dataset
 
+    if args.holdout_classes is not None:
+        return _split_holdout(args)
     summary = split_dataset(args.source, args.out, args.train_per_class, args.query_per_class,
                             args.gallery_per_class, args.seed)
     totals = summary.totals
@@ -76,6 +82,20 @@ def cmd_split(args: argparse.Namespace) -> int:
           f"{totals.get('query', 0)} query, {totals.get('gallery', 0)} gallery images"
           + (f"; {summary.renamed} renamed to <class>_<name> (shared basenames)" if summary.renamed else ""))
     print(f"ground truth: {summary.out_dir / 'test' / 'ground_truth.json'}")
+    return 0
+
+
+def _split_holdout(args: argparse.Namespace) -> int:
+    from ..select import build_validation
+
+    if not 0 < args.holdout_classes < 1:
+        raise ValueError(f"--holdout-classes must be a share between 0 and 1, got {args.holdout_classes}")
+    target = Path(args.out) / "validation"
+    split, reused = build_validation(args.source, target, args.holdout_classes, args.seed)
+    print(f"{len(split.held_out)} held-out classes ({', '.join(split.held_out)}) -> {target}: {len(split.query)} "
+          f"query, {len(split.gallery)} gallery images{' (already there)' if reused else ''}; "
+          f"{len(split.training)} classes stay for training")
+    print(f"ground truth: {target / 'test' / 'ground_truth.json'}; classes: {target / 'classes.json'}")
     return 0
 
 

@@ -46,14 +46,25 @@ def register(subparsers) -> None:
     p.add_argument("--images-per-class", type=positive_int, default=None, metavar="K", help="default: 4")
     p.add_argument("--batch-size", type=positive_int, default=None, help="random batches (simclr), feature extraction")
     p.add_argument("--grad-accum", type=positive_int, default=None, help="batches per optimiser step (default: 1)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the last backbone layer (default: 1e-4)")
-    p.add_argument("--head-lr", type=float, default=None, help="learning rate of the head (default: 1e-3)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the top block; block i trains at "
+                   "lr * layer-decay ** (blocks - 1 - i) (default: 1e-4; clip-gem-circle 4e-4)")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="the head, GeM's p and the loss's weights (default: 1e-3; clip-gem-circle 4e-4)")
+    p.add_argument("--backbone-lr", type=float, default=None,
+                   help="flat rate of the stem and the neck (default: 1e-5; clip-gem-circle 4e-5)")
     p.add_argument("--weight-decay", type=float, default=None, help="default: 0.05")
     p.add_argument("--layer-decay", type=float, default=None, help="layer-wise LR decay (default: 0.65)")
     p.add_argument("--warmup-fraction", type=float, default=None, help="default: 0.15")
     p.add_argument("--grad-clip", type=float, default=None, help="default: 1.0 (0 disables)")
     p.add_argument("--patience", type=positive_int, default=None, help="early stopping on val map@10 (default: 5)")
-    p.add_argument("--val-fraction", type=float, default=None, help="held-out share per class (default: 0.1)")
+    p.add_argument("--val-split", choices=("classes", "images"), default=None,
+                   help="validation on held-out whole classes (default: a seeded 20%% of them, at least 2; open-set "
+                   "retrieval) or on a share of every class's images (closed-set data)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="--val-split images: held-out share per class (default: 0.1)")
+    p.add_argument("--plan", action="store_true",
+                   help="build the model and optimiser, train nothing: print the parameter-group table and write "
+                   "RUN_DIR/param_groups.json")
     p.add_argument("--head-flip", type=_bool, default=None, metavar="on|off",
                    help="--trainable head: also train on the mirror images' cached features (default: on)")
     p.add_argument("--amp", type=_bool, default=None, metavar="on|off", help="mixed precision on GPU (default: on)")
@@ -76,12 +87,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainable=args.trainable, pool=args.pool, input_size=args.input_size, embed_dim=args.embed_dim,
         miner_start_epoch=args.miner_start_epoch, classes_per_batch=args.classes_per_batch,
         images_per_class=args.images_per_class, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
+        lr=args.lr, head_lr=args.head_lr, backbone_lr=args.backbone_lr, val_split=args.val_split, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
         warmup_fraction=args.warmup_fraction, grad_clip=args.grad_clip, patience=args.patience,
         val_fraction=args.val_fraction, head_flip=args.head_flip, amp=args.amp, grad_checkpointing=args.grad_checkpointing,
         unlabeled=args.unlabeled, seed=args.seed, device=args.device, num_workers=args.workers,
         progress=False if args.quiet else None,
     )
+    if args.plan:
+        from ..training.loop import default_run_dir, plan
+        from ..training.optim import format_group_table
+
+        rows = plan(config)
+        print(format_group_table(rows))
+        print(f"{sum(r['tensors'] for r in rows)} trainable tensors, {sum(r['numel'] for r in rows):,} parameters; "
+              f"written: {(config.out or default_run_dir(config))}/param_groups.json")
+        return 0
     result = train(config, resume=args.resume)
     print(f"{result.epochs_run} epoch(s) in {result.seconds:.1f} s"
           + (" (stopped early)" if result.stopped_early else "") + f"; best epoch {result.best_epoch}")

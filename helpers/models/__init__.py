@@ -18,6 +18,7 @@ from .registry import (
     resolve_device,
     save_weights,
 )
+from . import families  # noqa: F401,E402  (every family registers its names; after the registry it fills)
 
 DEFAULT_MODEL = "efficientnet-lite0"
 

@@ -27,6 +27,7 @@ tokenizer; the BPE vocabulary of the OpenAI models ships inside the open_clip pa
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -91,6 +92,24 @@ class CLIPNetwork(nn.Module):
         self.gem = GeM(tokens=True) if self.pool == "gem" else None
 
     # ---- images -------------------------------------------------------------------------------------------
+    def set_input_size(self, size: int) -> None:
+        """Run the ViT tower at ``size`` px: the position embedding is resampled to the new patch grid (bicubic, the
+        class token kept; timm's ``resample_abs_pos_embed``, as open_clip's ``resize_pos_embed`` does)."""
+        from timm.layers import resample_abs_pos_embed
+
+        visual = self.model.visual
+        patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else int(visual.patch_size)
+        if not hasattr(visual, "positional_embedding") or size % patch:
+            raise ModelError(f"{self.arch}: --input-size must be a multiple of the patch size {patch} px, not {size}")
+        old = visual.grid_size
+        grid = (size // patch, size // patch)
+        if tuple(old) != grid:
+            pos = visual.positional_embedding.detach().unsqueeze(0)
+            new = resample_abs_pos_embed(pos, list(grid), list(old), num_prefix_tokens=1)[0]
+            visual.positional_embedding = nn.Parameter(new.contiguous())
+            visual.grid_size, visual.image_size = grid, (size, size)
+        self.preprocessing = replace(self.preprocessing, input_size=int(size))
+
     def visual_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Pre-projection tokens (B, 1 + grid*grid, width): the transformer output after ``ln_post``."""
         visual = self.model.visual

@@ -18,6 +18,9 @@ POOL_CHOICES = ("gap", "gem", "cls", "mean", "max")
 #: GeM defaults from Radenovic et al. (TPAMI 2019).
 GEM_P = 3.0
 GEM_EPS = 1e-6
+#: GeM's exponent is kept at 1 or more: p=1 is average pooling, below 1 it is no longer a pooling of the map's
+#: magnitudes (and p -> 0 divides by zero).
+GEM_P_MIN = 1.0
 
 
 def gem(x: torch.Tensor, p: torch.Tensor | float = GEM_P, eps: float = GEM_EPS, dim: tuple[int, ...] = (-2, -1),
@@ -47,8 +50,14 @@ class GeM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = (1,) if self.tokens else (-2, -1)
-        p = self.p.to(x.dtype) if isinstance(self.p, torch.Tensor) else self.p
-        return gem(x.float(), p.float() if isinstance(p, torch.Tensor) else p, self.eps, dim, self.signed).to(x.dtype)
+        p = self.p.float().clamp(min=GEM_P_MIN) if isinstance(self.p, torch.Tensor) else max(GEM_P_MIN, self.p)
+        return gem(x.float(), p, self.eps, dim, self.signed).to(x.dtype)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep the learnable exponent at :data:`GEM_P_MIN` or more (called after every optimiser step)."""
+        if isinstance(self.p, nn.Parameter):
+            self.p.clamp_(min=GEM_P_MIN)
 
     def extra_repr(self) -> str:
         p = float(self.p.detach()) if isinstance(self.p, torch.Tensor) else self.p

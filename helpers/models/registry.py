@@ -95,7 +95,6 @@ _REGISTRY: dict[str, ModelSpec] = {}
 #: Prefixes for pass-through names such as ``timm:convnext_tiny``: prefix -> factory(rest of the name) -> spec.
 _PREFIX_FACTORIES: dict[str, Callable[[str], ModelSpec]] = {}
 _PREFIX_USAGE: dict[str, str] = {}
-_FAMILIES_LOADED = False
 
 
 def register(spec: ModelSpec) -> ModelSpec:
@@ -118,12 +117,8 @@ def list_prefixes() -> dict[str, str]:
 
 
 def _load_families() -> None:
-    """Import every family module once so that each registers its names (they import torch libraries lazily)."""
-    global _FAMILIES_LOADED
-    if _FAMILIES_LOADED:
-        return
-    _FAMILIES_LOADED = True
-    from . import families  # noqa: F401  (registers on import)
+    """Nothing to do: the package ``helpers.models`` imports every family module (``families.py``) when it is first
+    imported, before any lookup can happen; the family modules import this module, never the other way round."""
 
 
 def list_models() -> list[ModelSpec]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..models import EmbeddingModel, ModelError, get_spec, load_model
-from ..models.pooling import EmbeddingHead, GeM
+from ..models.pooling import GEM_P_MIN, EmbeddingHead, GeM, gem
 from .recipes import TrainConfig
 
 logger = logging.getLogger("helpers")
@@ -36,13 +36,14 @@ class PooledBackbone(nn.Module):
     def __init__(self, base: EmbeddingModel, pool: str) -> None:
         super().__init__()
         self.network = base.network
+        self.model_name = base.spec.name
         self.gem: GeM | None = None
         spec = base.spec
         family_gem = "gem" in (spec.pools or ())
         if pool == "gem" and family_gem and base.options.get("pool") == "gem":
             self.pool_type = "gem"  # the family pools with GeM itself (CLIP: pre-projection patch tokens)
         elif pool == "gem" and not family_gem and hasattr(self.network, "forward_features"):
-            self.gem = GeM()  # learnable p over the backbone's last feature map
+            self.gem = GeM()  # learnable p over the backbone's last feature map (or its patch tokens)
             self.pool_type = "gem"
         else:
             if pool == "gem":
@@ -54,8 +55,10 @@ class PooledBackbone(nn.Module):
             features = self.network.forward_features(images)
             if features.ndim == 4:
                 return self.gem(features)
-            if features.ndim == 3:  # tokens from a timm transformer
-                return self.gem(features.transpose(1, 2).unsqueeze(-1))
+            if features.ndim == 3:  # signed tokens of a timm transformer: the sign-preserving GeM of the patch tokens
+                prefix = int(getattr(self.network, "num_prefix_tokens", 1))
+                return gem(features[:, prefix:].float(), self.gem.p.float().clamp(min=GEM_P_MIN), self.gem.eps,
+                           dim=(1,), signed=True)
             return features
         return self.network(images)
 
@@ -103,10 +106,25 @@ def _feature_dim(backbone: PooledBackbone, input_size: int) -> int:
     return int(out.shape[-1])
 
 
+def _fit_input_size(base: EmbeddingModel, input_size: int | None) -> None:
+    """A CLIP tower at another ``--input-size``: its position embedding is resampled to the new grid (as open_clip
+    and timm do); other fixed-size networks are refused with a message."""
+    if not input_size or input_size == base.preprocessing.input_size:
+        return
+    set_size = getattr(base.network, "set_input_size", None)
+    if callable(set_size):
+        set_size(int(input_size))
+        return
+    if base.spec.family == "vit":
+        raise ModelError(f"{base.name} has a fixed position embedding for {base.preprocessing.input_size} px: "
+                         "--input-size is not supported for it")
+
+
 def build_network(config: TrainConfig, weights: str | None = None, device: str | torch.device = "cpu"
                   ) -> tuple[RetrievalNet, EmbeddingModel]:
     """Build the trainable network for ``config`` (and return the registry model it wraps)."""
     base = load_model(config.model, weights=weights or config.weights, device=device, **_base_options(config))
+    _fit_input_size(base, config.input_size)
     backbone = PooledBackbone(base, config.pool)
     size = feature_preprocessing(base, config.input_size).input_size
     in_dim = _feature_dim(backbone, size)
@@ -164,6 +182,7 @@ def training_info(config: TrainConfig, history: list[dict[str, Any]], epochs_run
         "pooling_type": pooling_type,
         "recipe": config.recipe,
         "trainable": config.trainable,
+        "val_split": config.val_split,
     }
 
 
@@ -181,9 +200,11 @@ def load_checkpoint_model(path: str | os.PathLike, device: str | torch.device = 
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path} is not a training checkpoint of this toolkit (expected {CHECKPOINT_FORMAT})")
     config = TrainConfig.from_dict(payload["config"])
-    net, base = build_network(config, weights=payload.get("backbone_weights", config.weights), device="cpu")
-    state = payload["model"]
     strict = not payload.get("head_only_state", False)
+    # a checkpoint holding the whole network is rebuilt from random weights (no download, no original weight file)
+    weights = payload.get("backbone_weights", config.weights) if not strict else "none"
+    net, base = build_network(config, weights=weights, device="cpu")
+    state = payload["model"]
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or (strict and missing) or any(not k.startswith("backbone.") for k in missing):
         raise ModelError(f"{path} does not fit {config.model}: missing {missing[:3]}, unexpected {unexpected[:3]}")
