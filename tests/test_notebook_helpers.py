@@ -69,13 +69,16 @@ def test_output_root_keeps_fast_runs_out_of_the_project(tmp_path, monkeypatch):
     assert output_paths("fast_x")["submission"] == tmp_path.resolve() / "submissions" / "fast_x.json"
 
 
-def test_colab_requirements_keep_colab_torch(tmp_path):
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text("# comment\ntorch>=2.6\ntorchvision>=0.21 ; python_version>'3'\ntimm>=1.0\n"
-                            "open_clip_torch>=2.24  # clip\nTorchAudio\n-e .\n\nnumpy\n")
-    assert colab_requirements(requirements) == ["timm>=1.0", "open_clip_torch>=2.24", "numpy"]
-    kept = colab_requirements(ROOT / "requirements.txt")
-    assert kept and not any(line.split(">")[0] in ("torch", "torchvision") for line in kept)
+def test_colab_requirements_keep_colab_torch_and_install_only_what_notebooks_need(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "x"\ndependencies = ["torch>=2.6", "torchvision>=0.21 ; python_version>\'3\'", '
+        '"timm>=1.0", "Open_Clip_Torch>=3.0", "TorchAudio"]\n'
+        '[project.optional-dependencies]\nnotebooks = ["ipykernel>=6.29", "timm>=1.0"]\ntest = ["pytest>=8"]\n')
+    assert colab_requirements(tmp_path) == ["timm>=1.0", "Open_Clip_Torch>=3.0", "ipykernel>=6.29"]
+    kept = colab_requirements(ROOT)
+    names = {line.split(">")[0].split("[")[0] for line in kept}
+    assert {"timm", "open_clip_torch", "faiss-cpu", "ipykernel"} <= names
+    assert not names & {"torch", "torchvision", "pytest", "nbval", "fastapi", "ray"}
 
 
 def test_colab_setup_dry_run_never_installs_torch():
