@@ -60,6 +60,11 @@ def _open_set_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--blocks", type=int, default=2, help="N of blocks:N (default: 2)")
     group.add_argument("--open-train-per-class", type=int, default=60, help="training images per class, head-only")
     group.add_argument("--full-per-class", type=int, default=40, help="training images per class, fine-tuning")
+    group.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads (default: 1; on a machine shared by many processes, 2 threads were "
+                       "17x slower per head-only step than 1)")
+    group.add_argument("--full-backbone-lr", type=float, default=None,
+                       help="stem and neck LR of blocks:N / full fine-tuning (default: recipe)")
     group.add_argument("--open-k", type=int, default=4, help="images per class in a P-K batch of fine-tuning (P=5)")
     group.add_argument("--open-query-per-class", type=int, default=10)
     group.add_argument("--open-gallery-per-class", type=int, default=40)
@@ -94,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-open-set-"))
         args.full_input_size = args.full_input_size or 96
         args.workers = args.workers if args.workers is not None else 0
+        import torch
+
+        torch.set_num_threads(args.threads)
         os.environ.setdefault("RETRIEVAL_CACHE_DIR", str(work / "cache"))
         return run_open_set(args, work)
 

@@ -7,9 +7,9 @@ no validation (fixed epochs, best.pt = the last epoch); the test uses ``--query-
 ``--gallery-per-class`` gallery images of each held-out class (from ``imagenette-val`` / ``cifar10-test``).
 
 - frozen: the frozen backbone's GeM features (the head's input), L2-normalised;
-- head-only: each loss on those cached features (224 px), on every seed;
-- ``blocks:N`` and full fine-tuning for ``--full-losses`` on the first seed at ``--full-input-size`` px, with the
-  frozen backbone scored at that size too.
+- head-only: each loss on those cached features (224 px), P-K batches of 5 classes x 16 images, on every seed;
+- ``blocks:N`` and full fine-tuning for ``--full-losses`` on the first seed at ``--full-input-size`` px (P-K 5 x
+  ``--open-k``), with the frozen backbone scored at that size too.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ class OpenSet:
         return q, g, ql, gl
 
     def _config(self, recipe: str, folder: Path, out: Path, **kw):
+        """The recipe's defaults, no validation (fixed epochs); ``None`` values keep the recipe's default."""
         from helpers.training import make_config
 
         kw.setdefault("images_per_class", self.args.open_k)
@@ -146,7 +147,9 @@ class OpenSet:
                 t0 = time.perf_counter()
                 result = train(self._config(loss, folder, self.work / f"ft-{loss}-{trainable.replace(':', '')}",
                                             trainable=trainable, epochs=self.args.full_epochs, seed=seed,
-                                            input_size=size, num_workers=self.args.workers))
+                                            input_size=size, num_workers=self.args.workers, lr=self.args.full_lr,
+                                            layer_decay=self.args.full_layer_decay,
+                                            backbone_lr=self.args.full_backbone_lr))
                 seconds = time.perf_counter() - t0
                 model = load_checkpoint_model(result.best_path)
                 emb = extract_embeddings(model, q + g, batch_size=64, device=self.args.device, progress=False).embeddings

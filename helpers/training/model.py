@@ -115,7 +115,7 @@ def _fit_input_size(base: EmbeddingModel, input_size: int | None) -> None:
     if callable(set_size):
         set_size(int(input_size))
         return
-    if base.spec.family == "vit":
+    if base.spec.family in ("vit", "hf") and getattr(base.network, "tokens", True):
         raise ModelError(f"{base.name} has a fixed position embedding for {base.preprocessing.input_size} px: "
                          "--input-size is not supported for it")
 
