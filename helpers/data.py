@@ -29,7 +29,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .fileio import read_json, write_json
 
-logger = logging.getLogger("helpers")
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 #: Pillow's own default limit (about 89.5 megapixels); larger files are refused as possible decompression bombs.

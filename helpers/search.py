@@ -231,8 +231,3 @@ def _exact_rows(q: np.ndarray, gallery: np.ndarray, k: int, block: int) -> tuple
     ], axis=1).astype(np.float32)
     idx = np.stack([_row_exact_topk(row, k) for row in rows])
     return idx, np.take_along_axis(rows, idx, axis=1)
-
-
-def rank_names(indices: np.ndarray, gallery_names: list[str]) -> list[list[str]]:
-    """Map index rows to gallery names."""
-    return [[gallery_names[j] for j in row] for row in indices]

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from .pooling import GeM, pool_map
 from .registry import ModelError, ModelSpec, Preprocessing, pretrained_download_error, register
 
-logger = logging.getLogger("helpers")
+logger = logging.getLogger(__name__)
 
 #: The published VGGFace2 state dict of the PyTorch port (8,631 identities in its classifier).
 VGGFACE2_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,19 +24,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..data import DataError, check_image, list_class_folder, list_images, load_image, report_skipped, validation_split
-from ..fileio import atomic_write, write_json
+from ..fileio import atomic_write, slug, write_json
 from ..metrics import evaluate_rankings
 from ..models import resolve_device
+from ..settings import output_dir
 from .losses import Criterion, PKSampler
 from .model import CHECKPOINT_FORMAT, FeatureExtractor, RetrievalNet, build_network, feature_preprocessing, training_info
 from ..models.pooling import GeM
 from .optim import backbone_stages_of, group_table, make_optimizer, make_scheduler, param_groups
 from .recipes import TrainConfig, make_config, parse_trainable, validate_config
 
-logger = logging.getLogger("helpers")
+logger = logging.getLogger(__name__)
 
 MONITOR = "map@10"
-RUNS_DIR = Path("runs")
+RUNS_DIR = output_dir("runs")
 
 
 @dataclass
@@ -215,8 +215,7 @@ def _model_state(net: RetrievalNet, head_only: bool) -> dict[str, torch.Tensor]:
 
 def default_run_dir(config: TrainConfig) -> Path:
     data_name = Path(config.data).resolve().name
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{data_name}_{config.model}_{config.recipe}_{config.trainable}")
-    return RUNS_DIR / slug.strip("-")
+    return RUNS_DIR / slug(f"{data_name}_{config.model}_{config.recipe}_{config.trainable}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -417,7 +416,8 @@ def _cached_features(config: TrainConfig, base, net: RetrievalNet, paths: list[P
                                     paths, batch_size=min(config.batch_size, 64), device=device,
                                     cache=EmbeddingCache(), progress=config.progress,
                                     desc="mirrored features" if flip else "backbone features",
-                                    num_workers=config.num_workers or None)
+                                    num_workers=config.num_workers or None,
+                                    precision="fp32")  # the head learns on the features retrieval will compute
     finally:
         set_rng_state(state)
     feats = torch.from_numpy(result.embeddings)

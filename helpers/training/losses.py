@@ -17,7 +17,7 @@ from torch.utils.data import Sampler
 
 from .recipes import TrainConfig
 
-logger = logging.getLogger("helpers")
+logger = logging.getLogger(__name__)
 
 
 class CosineClassifierLoss(nn.Module):

@@ -20,7 +20,7 @@ from ..models import EmbeddingModel, ModelError, get_spec, load_model
 from ..models.pooling import GEM_P_MIN, EmbeddingHead, GeM, gem
 from .recipes import TrainConfig
 
-logger = logging.getLogger("helpers")
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "helpers-training-1"
 
