@@ -294,10 +294,9 @@ def pair_similarities(run: "RetrievalRun", max_pairs: int = 200_000, seed: int =
 
 def plot_pair_similarities(runs: Mapping[str, "RetrievalRun"], bins: int = 40) -> "Figure":
     """One histogram panel per run: similarities of same-class against different-class pairs, AUC in the title."""
-    from .viz import _pyplot
+    from .viz import subplots_figure
 
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.0), squeeze=False, sharey=False)
+    fig, axes = subplots_figure(1, len(runs), (4.2 * len(runs), 3.0), sharey=False)
     for ax, (name, run) in zip(axes[0], runs.items()):
         frame = pair_similarities(run)
         for kind, color in (("different class", "#d7191c"), ("same class", "#1a9641")):

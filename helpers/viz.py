@@ -39,14 +39,13 @@ def _thumbnail(path: Path, size: int) -> np.ndarray:
     return canvas
 
 
-def _pyplot():
-    import matplotlib
+def subplots_figure(n_rows: int, n_cols: int, figsize: tuple[float, float], **kwargs):
+    """A :class:`matplotlib.figure.Figure` and its (n_rows, n_cols) axes, built without pyplot: the user's plotting
+    backend is never switched, and a notebook shows the figure when a cell returns it."""
+    from matplotlib.figure import Figure
 
-    if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "module://ipykernel")):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(n_rows, n_cols, squeeze=False, **kwargs)
 
 
 def _draw_tile(ax, path: Path | None, label: str, color: str | None, thumb_size: int,
@@ -114,10 +113,9 @@ def plot_retrieval_grid(
     ``correct[i][j]`` True/False draws a green/red border; None draws none (no ground truth). ``scores[i]`` may be
     None for a query whose similarities are unknown (only the rank is shown then).
     """
-    plt = _pyplot()
     n_rows = max(len(queries), 1)
     n_cols = 1 + max((len(r) for r in ranked), default=0)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.45 * n_cols, 1.75 * n_rows), squeeze=False)
+    fig, axes = subplots_figure(n_rows, n_cols, (1.45 * n_cols, 1.75 * n_rows))
     thumbs: dict = {}
     for row, query in enumerate(queries):
         for col in range(n_cols):
@@ -144,12 +142,13 @@ def _short(name: str, limit: int = 18) -> str:
 
 
 def save_figure(fig: "Figure", path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save a figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
+    """Save a figure as PNG atomically (and close it where pyplot manages it)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    if getattr(fig.canvas, "manager", None) is not None:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return write_bytes(path, buffer.getvalue())
 
 
@@ -355,7 +354,6 @@ def plot_run_comparison(
 ) -> "Figure":
     """Two runs on the same queries: for each query, a row with run A's top-k and a row with run B's top-k, the query
     image at the start of both rows, green/red borders where ground truth is known."""
-    plt = _pyplot()
     query_dir, gallery_dir = Path(query_dir), Path(gallery_dir)
     missing = [q for q in queries if q not in rankings_a or q not in rankings_b]
     if missing:
@@ -363,7 +361,7 @@ def plot_run_comparison(
     cut = lambda r, q: list(r[q])[:k] if k else list(r[q])  # noqa: E731
     n_cols = 1 + max([len(cut(r, q)) for q in queries for r in (rankings_a, rankings_b)], default=0)
     n_rows = max(2 * len(queries), 1)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.4 * n_cols, 1.7 * n_rows), squeeze=False)
+    fig, axes = subplots_figure(n_rows, n_cols, (1.4 * n_cols, 1.7 * n_rows))
     thumbs: dict = {}
     for i, query in enumerate(queries):
         relevant = set(ground_truth[query]) if ground_truth is not None and query in ground_truth else None

@@ -273,3 +273,26 @@ def test_grid_has_a_colour_legend_below_the_images(lite_run):
 
 def _rgba_of(colour) -> tuple:
     return tuple(np.round(to_rgba(colour), 3))
+
+
+def test_plots_never_switch_the_users_backend(lite_run, tmp_path):
+    import matplotlib
+
+    from helpers.report import plot_metric_bars
+    from helpers.viz import save_figure
+
+    _, rankings, dataset = lite_run
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        queries = list(rankings)[:2]
+        fig = plot_submission(rankings, dataset.query_dir, dataset.gallery_dir, queries,
+                              ground_truth=dataset.ground_truth)
+        save_figure(fig, tmp_path / "grid.png")
+        import pandas as pd
+
+        plot_metric_bars(pd.DataFrame({"run": ["a", "b"], "model": ["m", "m"], "weighted_score": [1.0, 2.0]}))
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(before)

@@ -97,7 +97,7 @@ for name, options in POSTPROCESSING.items():
 metrics_frame(runs)
 
 # %%
-plot_metric_bars(runs_frame(runs), "map@10", title="DINOv2: pooling and post-processing (mAP@10)");
+plot_metric_bars(runs_frame(runs), "map@10", title="DINOv2: pooling and post-processing (mAP@10)")
 
 # %% [markdown]
 # ## The best run, query by query

@@ -82,7 +82,7 @@ for model, pool in FAST_RUNS if FAST else RUNS:
 metrics_frame(runs)
 
 # %%
-plot_metric_bars(runs_frame(runs), "map@10", title="EfficientNet: GAP versus GeM (mAP@10)");
+plot_metric_bars(runs_frame(runs), "map@10", title="EfficientNet: GAP versus GeM (mAP@10)")
 
 # %% [markdown]
 # ## The best run, query by query

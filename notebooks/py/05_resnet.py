@@ -78,7 +78,7 @@ for model in FAST_MODELS if FAST else MODELS:
 metrics_frame(runs)
 
 # %%
-plot_metric_bars(runs_frame(runs), "weighted_score", title=f"ResNet depth ({POOL} pooling)");
+plot_metric_bars(runs_frame(runs), "weighted_score", title=f"ResNet depth ({POOL} pooling)")
 
 # %% [markdown]
 # ## The best run, query by query
