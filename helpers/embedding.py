@@ -42,15 +42,18 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 # Extraction
 # --------------------------------------------------------------------------------------------------------------
 class ImageFileDataset(Dataset):
-    """Loads images robustly; a failure yields its reason instead of raising.
+    """Loads images robustly; a failure yields its reason instead of raising. The one image dataset of the package:
+    extraction and training both read through it. Items are ``(index, tensor, None)`` or ``(index, None, reason)``;
+    with ``views=2`` the tensor is a pair of independently transformed views (SimCLR).
 
     The decompression-bomb limit is read once here (in the calling process), so that a malformed
     ``$RETRIEVAL_MAX_PIXELS`` is one clear error rather than a reason given for every image.
     """
 
     def __init__(self, paths: Sequence[Path], transform: Callable, draft_size: int | None = None,
-                 max_pixels: int | None | str = "env") -> None:
+                 max_pixels: int | None | str = "env", views: int = 1) -> None:
         self.paths = list(paths)
+        self.views = views
         self.transform = transform
         self.draft_size = draft_size
         self.max_pixels = max_pixels_limit() if max_pixels == "env" else max_pixels
@@ -61,6 +64,8 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, index: int):
         try:
             image = load_image(self.paths[index], max_pixels=self.max_pixels, draft_size=self.draft_size)
+            if self.views > 1:
+                return index, tuple(self.transform(image) for _ in range(self.views)), None
             return index, self.transform(image), None
         except ImageLoadError as exc:
             return index, None, exc.reason

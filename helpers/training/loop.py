@@ -21,9 +21,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
-from ..data import DataError, check_image, list_class_folder, list_images, load_image, report_skipped, validation_split
+from ..data import DataError, check_image, list_class_folder, list_images, report_skipped, validation_split
 from ..fileio import atomic_write, slug, write_json
 from ..metrics import evaluate_rankings
 from ..models import resolve_device
@@ -110,20 +110,33 @@ def train_transform(preprocessing, config: TrainConfig):
     return T.Compose(steps)
 
 
-class ImageDataset(Dataset):
-    """(image tensor, label) pairs, or ((view 1, view 2), label) with ``views=2`` (SimCLR)."""
+class LabelledBatches:
+    """Collates :class:`helpers.embedding.ImageFileDataset` items into ``(images, labels)`` batches (a pair of view
+    batches for SimCLR); an image that fails to load is left out of its batch and named in the log."""
 
-    def __init__(self, paths: list[Path], labels: list[int], transform: Callable, views: int = 1) -> None:
-        self.paths, self.labels, self.transform, self.views = paths, labels, transform, views
+    def __init__(self, labels: list[int], paths: list[Path]) -> None:
+        self.labels, self.paths = labels, paths
 
-    def __len__(self) -> int:
-        return len(self.paths)
+    def __call__(self, batch):
+        ok = [(index, images) for index, images, reason in batch if reason is None]
+        for index, _, reason in batch:
+            if reason is not None:
+                logger.warning("left out of a training batch: %s (%s)", self.paths[index], reason)
+        if not ok:
+            raise DataError("no image of a training batch could be read")
+        first = ok[0][1]
+        if isinstance(first, tuple):
+            images = tuple(torch.stack(views) for views in zip(*(x for _, x in ok)))
+        else:
+            images = torch.stack([x for _, x in ok])
+        return images, torch.tensor([self.labels[index] for index, _ in ok])
 
-    def __getitem__(self, index: int):
-        image = load_image(self.paths[index])
-        if self.views == 2:
-            return (self.transform(image), self.transform(image)), self.labels[index]
-        return self.transform(image), self.labels[index]
+
+def image_dataset(paths: list[Path], labels: list[int], transform: Callable, views: int = 1):
+    """The training images through the package's one image dataset, with the collate that pairs them with labels."""
+    from ..embedding import ImageFileDataset
+
+    return ImageFileDataset(paths, transform, views=views), LabelledBatches(labels, paths)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,7 +160,8 @@ def leave_one_out_metrics(embeddings: np.ndarray, labels: list[int], k: int = 10
 
 def _embed_images(net: RetrievalNet, paths: list[Path], transform, batch_size: int, device: torch.device,
                   amp: bool, channels_last: bool = False) -> np.ndarray:
-    loader = DataLoader(ImageDataset(paths, [0] * len(paths), transform), batch_size=batch_size, shuffle=False)
+    dataset, collate = image_dataset(paths, [0] * len(paths), transform)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     out = []
     net.eval()
     with torch.inference_mode(), _autocast(device, amp):
@@ -443,25 +457,28 @@ def make_train_set(config: TrainConfig, data: TrainData, net: RetrievalNet, base
         unlabeled = _unlabeled_paths(config, train_paths)
         bad = {p for p, _ in find_unreadable(unlabeled)}
         unlabeled = [p for p in unlabeled if p not in bad]
-        return (ImageDataset(unlabeled, list(range(len(unlabeled))), train_transform(preprocessing, config), views=2),
+        return (image_dataset(unlabeled, list(range(len(unlabeled))), train_transform(preprocessing, config), views=2),
                 list(range(len(unlabeled))), None)
-    return ImageDataset(train_paths, train_labels, train_transform(preprocessing, config)), train_labels, None
+    return image_dataset(train_paths, train_labels, train_transform(preprocessing, config)), train_labels, None
 
 
 def make_loader(config: TrainConfig, train_set, train_labels: list[int], notes: list[str]) -> tuple[DataLoader, int]:
     """P-K batches (or random batches for SimCLR); returns (loader, images per batch)."""
     head_mode = config.trainable == "head"
+    collate = None
+    if isinstance(train_set, tuple):  # (images, their collate) from image_dataset
+        train_set, collate = train_set
     if config.sampler == "pk":
         sampler = PKSampler(train_labels, config.classes_per_batch, config.images_per_class,
                             keep_batch=config.pk_keep_batch)
         notes += sampler.notes
         loader = DataLoader(train_set, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=0 if head_mode else config.num_workers)
+                            num_workers=0 if head_mode else config.num_workers, collate_fn=collate)
         batch_size = sampler.batch_size
     else:
         batch_size = min(config.batch_size, len(train_set))
         loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
-                            num_workers=config.num_workers)
+                            num_workers=config.num_workers, collate_fn=collate)
     if len(loader) == 0:
         raise DataError(f"too few training images ({len(train_set)}) for one batch of {batch_size}")
     return loader, batch_size
