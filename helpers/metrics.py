@@ -218,3 +218,30 @@ def format_metrics_table(metrics: Mapping[str, float]) -> str:
         shown = f"{value:.1f}" if key == "weighted_score" else f"{value:.4f}"
         lines.append(f"  {key:<{width}}  {shown}")
     return "\n".join(lines)
+
+
+def pair_similarities(run: Any, max_pairs: int = 200_000, seed: int = 0) -> Any:
+    """Cosine similarity of (query, gallery) pairs, each marked ``same class`` (relevant in the ground truth) or
+    ``different class``, with a pair-level ROC AUC in ``frame.attrs["auc"]`` (1.0: every same-class pair scores
+    above every different-class pair). At most ``max_pairs`` pairs, drawn at random when there are more.
+    ``run``: a :class:`helpers.run.RetrievalRun`; returns a pandas DataFrame."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    truth = run.dataset.ground_truth
+    if not truth:
+        raise ValueError(f"{run.dataset.root} has no ground truth: same-class pairs are unknown")
+    query_names, gallery_index = run.query.names, {g: j for j, g in enumerate(run.gallery.names)}
+    same = np.zeros((len(query_names), len(gallery_index)), dtype=bool)
+    for i, q in enumerate(query_names):
+        same[i, [gallery_index[g] for g in truth.get(q, ()) if g in gallery_index]] = True
+    similarity = run.query.embeddings @ run.gallery.embeddings.T
+    flat = np.arange(similarity.size)
+    if flat.size > max_pairs:
+        flat = np.sort(np.random.default_rng(seed).choice(flat, size=max_pairs, replace=False))
+    frame = pd.DataFrame({"similarity": similarity.ravel()[flat],
+                          "pair": np.where(same.ravel()[flat], "same class", "different class")})
+    both = frame["pair"].nunique() == 2
+    frame.attrs["auc"] = float(roc_auc_score(frame["pair"] == "same class", frame["similarity"])) if both else None
+    return frame

@@ -1,7 +1,7 @@
 """Small helpers the notebooks call, so that each notebook stays a list of parameters, calls and assertions.
 
 - :func:`fast_mode`: the ``RETRIEVAL_FAST`` switch (``1`` fast, ``0`` full; unset: fast without a GPU);
-- :func:`choose_device`, :func:`in_colab`, :func:`colab_setup` (clone + install, never reinstalling torch);
+- :func:`choose_device`;
 - :func:`output_root` and :func:`output_paths`: outputs go to ``<root>/submissions``, ``results``,
   ``visualizations`` and ``runs``, where ``root`` is ``$RETRIEVAL_OUTPUT_DIR``, else (fast mode) a folder of its own,
   else the project root, whatever the kernel's working folder (:mod:`helpers.settings`);
@@ -9,18 +9,24 @@
   user's folder in full mode;
 - :func:`save_outputs`, :func:`metrics_frame`, :func:`check_run_outputs`: write, tabulate and check a run's files.
 
-Only the standard library is imported at module level: :func:`colab_setup` must run before the requirements are in.
+Other concerns live in their own modules and are re-exported here, because the notebooks import what they call from
+this one module: the Colab set-up (:mod:`helpers.colab`), the notebook data (:mod:`helpers.notebook_data`:
+:func:`notebook_data`, :func:`fast_dataset`, class names and text queries), the plots (:mod:`helpers.viz`:
+``plot_side_by_side``, ``plot_pair_similarities``) and ``pair_similarities`` (:mod:`helpers.metrics`), the last three
+imported only when asked for. Only the standard library is imported at module level.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+# Re-exported for the notebooks, which import everything they call from here: the Colab set-up (helpers.colab),
+# the notebook data (helpers.notebook_data), the plots (helpers.viz) and the settings (helpers.settings).
+from .colab import COLAB_KEEP, colab_requirements, colab_setup, in_colab  # noqa: F401
+from .notebook_data import FAST_SOURCE, FAST_SPLIT, class_names, class_text_queries, fast_dataset, notebook_data  # noqa: F401,E501
 # FAST_ENV, OUTPUT_ENV, SHARED_ENV, project_root and shared_datasets_dir are also used from here by notebooks.
 from .settings import (FAST_ENV, OUTPUT_ENV, SHARED_ENV, notebook_output_root, output_dir,  # noqa: F401
                        project_root, shared_datasets_dir)
@@ -28,20 +34,26 @@ from .settings import (FAST_ENV, OUTPUT_ENV, SHARED_ENV, notebook_output_root, o
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from matplotlib.figure import Figure
-
     from .pipeline import RetrievalRun, RunOutputs
 
-#: Packages Colab already ships (and that must not be replaced by a pip resolve): filtered out of requirements.txt.
-COLAB_KEEP = ("torch", "torchvision", "torchaudio")
-#: Fast mode's default real dataset and the size of its split (per class): small enough for a CPU in seconds.
-FAST_SOURCE = "imagenette-val"
-FAST_SPLIT = {"query_per_class": 2, "gallery_per_class": 6, "train_per_class": 6}
 #: Range of every metric in the metrics JSON (weighted_score is the course server's 0..1000 points).
 METRIC_RANGES = {"weighted_score": (0.0, 1000.0)}
 #: Columns notebooks show when comparing runs.
 DISPLAY_COLUMNS = ("run", "model", "weights", "pooling", "finetuned", "hit@1", "hit@5", "precision@10", "map@10",
                    "weighted_score", "runtime_s")
+
+
+#: Names the notebooks import from here that live in other modules, imported only when asked for (they need numpy,
+#: pandas and matplotlib, which a Colab runtime has before the project's install cell has run).
+_ELSEWHERE = {"pair_similarities": "metrics", "plot_pair_similarities": "viz", "plot_side_by_side": "viz"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ELSEWHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_ELSEWHERE[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -82,50 +94,6 @@ def choose_device(device: str = "auto") -> str:
     return str(resolve_device(device))
 
 
-def in_colab() -> bool:
-    """True inside Google Colab."""
-    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
-
-
-def _requirement_name(line: str) -> str:
-    name = line.split(";", 1)[0]
-    for sep in ("[", "=", "<", ">", "!", "~", " "):
-        name = name.split(sep, 1)[0]
-    return name.strip().lower().replace("_", "-")
-
-
-def colab_requirements(root: str | os.PathLike = ".", extras: Sequence[str] = ("notebooks",),
-                       keep: Sequence[str] = COLAB_KEEP) -> list[str]:
-    """The project's dependencies (``pyproject.toml``) and those of ``extras`` (the notebooks' own), minus ``keep``
-    (torch, torchvision: Colab's builds stay): what a notebook needs on Colab, and nothing for tests or servers."""
-    import tomllib
-
-    project = tomllib.loads((Path(root) / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    lines = list(project.get("dependencies", []))
-    for extra in extras:
-        lines += project.get("optional-dependencies", {}).get(extra, [])
-    return [line for line in dict.fromkeys(lines) if _requirement_name(line) not in keep]
-
-
-def colab_setup(root: str | os.PathLike = ".", dry_run: bool = False) -> list[list[str]]:
-    """Install what the notebooks need (the dependencies and the ``notebooks`` extra) without touching torch, then
-    the project itself without its dependencies.
-
-    Returns the pip commands (run unless ``dry_run``). Called by each notebook's Colab-only cell after the clone.
-    """
-    root = Path(root).resolve()
-    filtered = Path(tempfile.gettempdir()) / "requirements-colab.txt"
-    filtered.write_text("\n".join(colab_requirements(root)) + "\n", encoding="utf-8")
-    commands = [
-        [sys.executable, "-m", "pip", "install", "-q", "-r", str(filtered)],
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", str(root)],
-    ]
-    if not dry_run:
-        for command in commands:
-            subprocess.run(command, check=True)
-    return commands
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Folders and data
 # --------------------------------------------------------------------------------------------------------------
@@ -145,84 +113,6 @@ def output_paths(tag: str, root: str | os.PathLike | None = None) -> dict[str, P
         "metrics": output_dir("results", root) / f"{tag}.json",
         "grid": output_dir("visualizations", root) / f"{tag}.png",
     }
-
-
-def fast_dataset(
-    source: str = FAST_SOURCE,
-    out: str | os.PathLike | None = None,
-    seed: int = 0,
-    **split: int,
-) -> Path:
-    """A small real dataset in the competition layout (training, query, gallery, ground truth).
-
-    Splits ``<shared datasets>/<source>`` with :func:`helpers.data.split_dataset` (sizes: :data:`FAST_SPLIT`,
-    overridable) into ``out`` (default: a new temporary folder); where that folder is absent, writes the embedded
-    digits demo (:func:`helpers.demo.build_demo_dataset`) instead.
-    """
-    from .data import split_dataset
-    from .demo import build_demo_dataset
-
-    sizes = {**FAST_SPLIT, **split}
-    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="retrieval-notebook-"))
-    source_dir = shared_datasets_dir() / source
-    if source_dir.is_dir():
-        split_dataset(source_dir, out, seed=seed, **sizes)
-        print(f"fast mode: {source} split into {out}")
-    else:
-        build_demo_dataset(out, query_per_class=sizes["query_per_class"], gallery_per_class=sizes["gallery_per_class"],
-                           train_per_class=sizes["train_per_class"], seed=seed)
-        print(f"fast mode: {source_dir} is absent, using the embedded digits demo in {out}")
-    return out
-
-
-def notebook_data(fast: bool, data_dir: str | os.PathLike = "data", source: str = FAST_SOURCE, **split: int) -> Path:
-    """Fast mode: :func:`fast_dataset`; full mode: ``data_dir`` (relative to the project root), checked.
-
-    Fast mode also points the embedding cache (``$RETRIEVAL_CACHE_DIR``) at a fresh temporary folder: the cells of
-    one notebook share embeddings, and randomly initialised weights never meet embeddings cached from another
-    initialisation (nor fill the user's cache).
-    """
-    if fast:
-        os.environ["RETRIEVAL_CACHE_DIR"] = tempfile.mkdtemp(prefix="retrieval-notebook-cache-")
-        return fast_dataset(source, **split)
-    from .data import load_retrieval_set
-
-    path = Path(data_dir)
-    if not path.is_absolute():
-        path = project_root() / path
-    dataset = load_retrieval_set(path)  # raises a DataError naming what is missing
-    print(f"full mode: {len(dataset.query_paths)} queries, {len(dataset.gallery_paths)} gallery images in {path}")
-    return path
-
-
-def class_names(data: str | os.PathLike) -> list[str]:
-    """The classes of a dataset: those of ``test/labels.json``, else the ``training/`` folder names (sorted)."""
-    from .data import class_folders, load_retrieval_set
-
-    dataset = load_retrieval_set(data)
-    if dataset.labels:
-        return sorted(set(dataset.labels.get("gallery", {}).values()) | set(dataset.labels.get("query", {}).values()))
-    if dataset.training_dir is not None:
-        return [folder.name for folder in class_folders(dataset.training_dir)]
-    return []
-
-
-def class_text_queries(
-    data: str | os.PathLike, template: str = "a photo of a {}."
-) -> tuple[list[str], dict[str, list[str]]]:
-    """One text query per class (``template`` filled with the class name, underscores as spaces) and, from
-    ``test/labels.json``, its ground truth: every gallery image of that class (empty without labels)."""
-    from .data import load_retrieval_set
-
-    labels = load_retrieval_set(data).labels or {}
-    queries, truth = [], {}
-    for name in class_names(data):
-        query = template.format(name.replace("_", " "))
-        queries.append(query)
-        relevant = sorted(g for g, label in labels.get("gallery", {}).items() if label == name)
-        if relevant:
-            truth[query] = relevant
-    return queries, truth
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -264,106 +154,6 @@ def metrics_frame(runs: Mapping[str, "RetrievalRun"] | Iterable["RetrievalRun"],
 
     table = comparison_table(runs_frame(runs))
     return table[[c for c in columns if c in table.columns]]
-
-
-def pair_similarities(run: "RetrievalRun", max_pairs: int = 200_000, seed: int = 0) -> "pd.DataFrame":
-    """Cosine similarity of (query, gallery) pairs, each marked ``same class`` (relevant in the ground truth) or
-    ``different class``, with a pair-level ROC AUC in ``frame.attrs["auc"]`` (1.0: every same-class pair scores
-    above every different-class pair). At most ``max_pairs`` pairs, drawn at random when there are more."""
-    import numpy as np
-    import pandas as pd
-    from sklearn.metrics import roc_auc_score
-
-    truth = run.dataset.ground_truth
-    if not truth:
-        raise ValueError(f"{run.dataset.root} has no ground truth: same-class pairs are unknown")
-    query_names, gallery_index = run.query.names, {g: j for j, g in enumerate(run.gallery.names)}
-    same = np.zeros((len(query_names), len(gallery_index)), dtype=bool)
-    for i, q in enumerate(query_names):
-        same[i, [gallery_index[g] for g in truth.get(q, ()) if g in gallery_index]] = True
-    similarity = run.query.embeddings @ run.gallery.embeddings.T
-    flat = np.arange(similarity.size)
-    if flat.size > max_pairs:
-        flat = np.sort(np.random.default_rng(seed).choice(flat, size=max_pairs, replace=False))
-    frame = pd.DataFrame({"similarity": similarity.ravel()[flat],
-                          "pair": np.where(same.ravel()[flat], "same class", "different class")})
-    both = frame["pair"].nunique() == 2
-    frame.attrs["auc"] = float(roc_auc_score(frame["pair"] == "same class", frame["similarity"])) if both else None
-    return frame
-
-
-def plot_pair_similarities(runs: Mapping[str, "RetrievalRun"], bins: int = 40) -> "Figure":
-    """One histogram panel per run: similarities of same-class against different-class pairs, AUC in the title."""
-    from .viz import subplots_figure
-
-    fig, axes = subplots_figure(1, len(runs), (4.2 * len(runs), 3.0), sharey=False)
-    for ax, (name, run) in zip(axes[0], runs.items()):
-        frame = pair_similarities(run)
-        for kind, color in (("different class", "#d7191c"), ("same class", "#1a9641")):
-            values = frame.loc[frame["pair"] == kind, "similarity"]
-            ax.hist(values, bins=bins, alpha=0.55, color=color, label=kind, density=True)
-        auc = frame.attrs["auc"]
-        ax.set_title(f"{name}: AUC {auc:.3f}" if auc is not None else name, fontsize=9)
-        ax.set_xlabel("cosine similarity", fontsize=8)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def _row_labels(names: Sequence[str], limit: int = 28) -> dict[str, str]:
-    """Short labels: the prefix every name shares (up to an ``_``) dropped, long ones cut at the start."""
-    prefix = os.path.commonprefix(list(names)) if len(names) > 1 else ""
-    prefix = prefix[: prefix.rfind("_") + 1]
-    labels = {}
-    for name in names:
-        short = name[len(prefix):] or name
-        labels[name] = short if len(short) <= limit else "..." + short[-(limit - 3):]
-    return labels
-
-
-def plot_side_by_side(
-    rankings: Mapping[str, Mapping[str, Sequence[str]]],
-    data: str | os.PathLike,
-    queries: int | Sequence[str] = 4,
-    k: int | None = None,
-    scores: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
-    title: str | None = None,
-    thumb_size: int = 112,
-) -> "Figure":
-    """Several runs on the same queries: per query, one row per run (named on the left), the query image then
-    that run's top-k, green/red borders where ``data``'s ground truth knows the query.
-
-    ``rankings``: run name -> submission; ``queries``: names, or how many to spread over the classes
-    (:func:`helpers.viz.pick_queries`) among those every run ranked. Built on
-    :func:`helpers.viz.plot_retrieval_grid`.
-    """
-    from .data import load_retrieval_set
-    from .viz import layout_with_legend, pick_queries, plot_retrieval_grid
-
-    if not rankings:
-        raise ValueError("give at least one run to plot")
-    dataset = load_retrieval_set(data)
-    shared = [q for q in dataset.query_names if all(q in r for r in rankings.values())]
-    if isinstance(queries, int):
-        queries = pick_queries(shared, queries, labels=dataset.labels, ground_truth=dataset.ground_truth)
-    missing = [q for q in queries if q not in shared]
-    if missing or not queries:
-        raise ValueError(f"queries not ranked by every run: {missing[:5] or 'none shared'}")
-    rows = [(q, name) for q in queries for name in rankings]
-    cut = {(q, name): list(rankings[name][q])[:k] if k else list(rankings[name][q]) for q, name in rows}
-    truth = dataset.ground_truth
-    correct = None if truth is None else [[g in truth[q] if q in truth else None for g in cut[(q, name)]]
-                                          for q, name in rows]
-    row_scores = [list(scores[name][q]) if scores and q in scores.get(name, {}) else None for q, name in rows]
-    fig = plot_retrieval_grid([dataset.query_dir / q for q, _ in rows],
-                              [[dataset.gallery_dir / g for g in cut[row]] for row in rows],
-                              row_scores, correct, thumb_size=thumb_size, title=title)
-    n_cols = len(fig.axes) // len(rows)
-    labels = _row_labels(list(rankings))
-    for index, (_, name) in enumerate(rows):
-        fig.axes[index * n_cols].set_ylabel(labels[name], fontsize=7, rotation=0, ha="right", va="center")
-    layout_with_legend(fig)
-    return fig
 
 
 def best_runs_on(

@@ -16,6 +16,9 @@ variable                   read by                            meaning (default)
                                                               ``image-retrieval/embeddings``)
 ``RETRIEVAL_ONNX_DIR``     ONNX backend                       exported ONNX models (``onnx/`` in the cache folder)
 ``RETRIEVAL_ORT_SPIN``     ONNX backend                       ``1`` lets idle ONNX Runtime threads spin (``0``)
+``RETRIEVAL_THREADS``      extraction                         inference threads (default: from the cores, with the
+                                                              decoding workers never above the cores)
+``RETRIEVAL_DECODE_WORKERS`` extraction                       image decoding processes (default: from the cores)
 ``RETRIEVAL_MAX_PIXELS``   image loading                      largest image accepted, in pixels; larger files are
                                                               refused as possible decompression bombs (89,478,485:
                                                               Pillow's own limit)
@@ -49,9 +52,11 @@ FAST_ENV = "RETRIEVAL_FAST"
 OUTPUT_ENV = "RETRIEVAL_OUTPUT_DIR"
 SHARED_ENV = "RETRIEVAL_SHARED_DATASETS"
 CLIP_CHECKPOINT_ENV = "RETRIEVAL_CLIP_CHECKPOINT"
+THREADS_ENV = "RETRIEVAL_THREADS"
+DECODE_WORKERS_ENV = "RETRIEVAL_DECODE_WORKERS"
 #: Every variable above: the README's table lists the same set (a test checks it).
-ENVIRONMENT = (CACHE_ENV, ONNX_ENV, ORT_SPIN_ENV, MAX_PIXELS_ENV, SERVER_URL_ENV, FAST_ENV, OUTPUT_ENV, SHARED_ENV,
-               CLIP_CHECKPOINT_ENV)
+ENVIRONMENT = (CACHE_ENV, ONNX_ENV, ORT_SPIN_ENV, THREADS_ENV, DECODE_WORKERS_ENV, MAX_PIXELS_ENV, SERVER_URL_ENV,
+               FAST_ENV, OUTPUT_ENV, SHARED_ENV, CLIP_CHECKPOINT_ENV)
 
 #: The output folders, by kind: submissions and their scores, metrics JSONs, figures and pages, training runs.
 OUTPUT_KINDS = ("submissions", "results", "visualizations", "runs")

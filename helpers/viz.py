@@ -384,3 +384,78 @@ def plot_run_comparison(
     add_legend(fig, verdicts=ground_truth is not None and any(q in ground_truth for q in queries))
     layout_with_legend(fig, title)
     return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several runs: pair similarities, side by side
+# ----------------------------------------------------------------------------------------------------------------
+def plot_pair_similarities(runs: Mapping[str, "RetrievalRun"], bins: int = 40) -> "Figure":
+    """One histogram panel per run: similarities of same-class against different-class pairs, AUC in the title."""
+    from .metrics import pair_similarities
+
+    fig, axes = subplots_figure(1, len(runs), (4.2 * len(runs), 3.0), sharey=False)
+    for ax, (name, run) in zip(axes[0], runs.items()):
+        frame = pair_similarities(run)
+        for kind, color in (("different class", "#d7191c"), ("same class", "#1a9641")):
+            values = frame.loc[frame["pair"] == kind, "similarity"]
+            ax.hist(values, bins=bins, alpha=0.55, color=color, label=kind, density=True)
+        auc = frame.attrs["auc"]
+        ax.set_title(f"{name}: AUC {auc:.3f}" if auc is not None else name, fontsize=9)
+        ax.set_xlabel("cosine similarity", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _row_labels(names: Sequence[str], limit: int = 28) -> dict[str, str]:
+    """Short labels: the prefix every name shares (up to an ``_``) dropped, long ones cut at the start."""
+    prefix = os.path.commonprefix(list(names)) if len(names) > 1 else ""
+    prefix = prefix[: prefix.rfind("_") + 1]
+    labels = {}
+    for name in names:
+        short = name[len(prefix):] or name
+        labels[name] = short if len(short) <= limit else "..." + short[-(limit - 3):]
+    return labels
+
+
+def plot_side_by_side(
+    rankings: Mapping[str, Mapping[str, Sequence[str]]],
+    data: str | os.PathLike,
+    queries: int | Sequence[str] = 4,
+    k: int | None = None,
+    scores: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    title: str | None = None,
+    thumb_size: int = 112,
+) -> "Figure":
+    """Several runs on the same queries: per query, one row per run (named on the left), the query image then
+    that run's top-k, green/red borders where ``data``'s ground truth knows the query.
+
+    ``rankings``: run name -> submission; ``queries``: names, or how many to spread over the classes
+    (:func:`pick_queries`) among those every run ranked. Built on :func:`plot_retrieval_grid`.
+    """
+    from .data import load_retrieval_set
+
+    if not rankings:
+        raise ValueError("give at least one run to plot")
+    dataset = load_retrieval_set(data)
+    shared = [q for q in dataset.query_names if all(q in r for r in rankings.values())]
+    if isinstance(queries, int):
+        queries = pick_queries(shared, queries, labels=dataset.labels, ground_truth=dataset.ground_truth)
+    missing = [q for q in queries if q not in shared]
+    if missing or not queries:
+        raise ValueError(f"queries not ranked by every run: {missing[:5] or 'none shared'}")
+    rows = [(q, name) for q in queries for name in rankings]
+    cut = {(q, name): list(rankings[name][q])[:k] if k else list(rankings[name][q]) for q, name in rows}
+    truth = dataset.ground_truth
+    correct = None if truth is None else [[g in truth[q] if q in truth else None for g in cut[(q, name)]]
+                                          for q, name in rows]
+    row_scores = [list(scores[name][q]) if scores and q in scores.get(name, {}) else None for q, name in rows]
+    fig = plot_retrieval_grid([dataset.query_dir / q for q, _ in rows],
+                              [[dataset.gallery_dir / g for g in cut[row]] for row in rows],
+                              row_scores, correct, thumb_size=thumb_size, title=title)
+    n_cols = len(fig.axes) // len(rows)
+    labels = _row_labels(list(rankings))
+    for index, (_, name) in enumerate(rows):
+        fig.axes[index * n_cols].set_ylabel(labels[name], fontsize=7, rotation=0, ha="right", va="center")
+    layout_with_legend(fig)
+    return fig

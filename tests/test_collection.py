@@ -303,7 +303,7 @@ def test_interrupted_ray_build_leaves_no_process_and_resumes(photos, tmp_path):
     out = tmp_path / "index"
     tag = f"scale-test-{uuid.uuid4().hex}"
     process = cli("index", "build", "--images", str(photos), "--out", str(out), "--shard-size", "2",
-                  "--batch-size", "1", "--engine", "ray", "--quiet", env={"RETRIEVAL_TEST_TAG": tag})
+                  "--batch-size", "1", "--engine", "ray", "--quiet", env={"CBIR_TEST_TAG": tag})
     wait_for_first_shard(out, process)
     process.send_signal(signal.SIGINT)  # Ctrl-C
     _, stderr = process.communicate(timeout=120)

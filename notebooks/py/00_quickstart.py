@@ -38,7 +38,7 @@ if "google.colab" in sys.modules:
                         "/content/project"], check=True)
     os.chdir("/content/project")
     sys.path.insert(0, "/content/project")
-    from helpers.notebook import colab_setup
+    from helpers.colab import colab_setup
     colab_setup()
 
 # %% tags=["parameters"]

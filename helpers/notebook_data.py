@@ -1,0 +1,95 @@
+"""The data a notebook runs on: a small real split in fast mode (or the embedded demo), the user's folder in full
+mode, and the class names and text queries of a dataset.
+
+Only the standard library is imported at module level (like :mod:`helpers.notebook`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .settings import project_root, shared_datasets_dir
+
+#: Fast mode's default real dataset and the size of its split (per class): small enough for a CPU in seconds.
+FAST_SOURCE = "imagenette-val"
+FAST_SPLIT = {"query_per_class": 2, "gallery_per_class": 6, "train_per_class": 6}
+
+
+def fast_dataset(
+    source: str = FAST_SOURCE,
+    out: str | os.PathLike | None = None,
+    seed: int = 0,
+    **split: int,
+) -> Path:
+    """A small real dataset in the competition layout (training, query, gallery, ground truth).
+
+    Splits ``<shared datasets>/<source>`` with :func:`helpers.data.split_dataset` (sizes: :data:`FAST_SPLIT`,
+    overridable) into ``out`` (default: a new temporary folder); where that folder is absent, writes the embedded
+    digits demo (:func:`helpers.demo.build_demo_dataset`) instead.
+    """
+    from .data import split_dataset
+    from .demo import build_demo_dataset
+
+    sizes = {**FAST_SPLIT, **split}
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="retrieval-notebook-"))
+    source_dir = shared_datasets_dir() / source
+    if source_dir.is_dir():
+        split_dataset(source_dir, out, seed=seed, **sizes)
+        print(f"fast mode: {source} split into {out}")
+    else:
+        build_demo_dataset(out, query_per_class=sizes["query_per_class"], gallery_per_class=sizes["gallery_per_class"],
+                           train_per_class=sizes["train_per_class"], seed=seed)
+        print(f"fast mode: {source_dir} is absent, using the embedded digits demo in {out}")
+    return out
+
+
+def notebook_data(fast: bool, data_dir: str | os.PathLike = "data", source: str = FAST_SOURCE, **split: int) -> Path:
+    """Fast mode: :func:`fast_dataset`; full mode: ``data_dir`` (relative to the project root), checked.
+
+    Fast mode also points the embedding cache (``$RETRIEVAL_CACHE_DIR``) at a fresh temporary folder: the cells of
+    one notebook share embeddings, and randomly initialised weights never meet embeddings cached from another
+    initialisation (nor fill the user's cache).
+    """
+    if fast:
+        os.environ["RETRIEVAL_CACHE_DIR"] = tempfile.mkdtemp(prefix="retrieval-notebook-cache-")
+        return fast_dataset(source, **split)
+    from .data import load_retrieval_set
+
+    path = Path(data_dir)
+    if not path.is_absolute():
+        path = project_root() / path
+    dataset = load_retrieval_set(path)  # raises a DataError naming what is missing
+    print(f"full mode: {len(dataset.query_paths)} queries, {len(dataset.gallery_paths)} gallery images in {path}")
+    return path
+
+
+def class_names(data: str | os.PathLike) -> list[str]:
+    """The classes of a dataset: those of ``test/labels.json``, else the ``training/`` folder names (sorted)."""
+    from .data import class_folders, load_retrieval_set
+
+    dataset = load_retrieval_set(data)
+    if dataset.labels:
+        return sorted(set(dataset.labels.get("gallery", {}).values()) | set(dataset.labels.get("query", {}).values()))
+    if dataset.training_dir is not None:
+        return [folder.name for folder in class_folders(dataset.training_dir)]
+    return []
+
+
+def class_text_queries(
+    data: str | os.PathLike, template: str = "a photo of a {}."
+) -> tuple[list[str], dict[str, list[str]]]:
+    """One text query per class (``template`` filled with the class name, underscores as spaces) and, from
+    ``test/labels.json``, its ground truth: every gallery image of that class (empty without labels)."""
+    from .data import load_retrieval_set
+
+    labels = load_retrieval_set(data).labels or {}
+    queries, truth = [], {}
+    for name in class_names(data):
+        query = template.format(name.replace("_", " "))
+        queries.append(query)
+        relevant = sorted(g for g, label in labels.get("gallery", {}).items() if label == name)
+        if relevant:
+            truth[query] = relevant
+    return queries, truth
