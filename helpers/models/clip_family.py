@@ -34,16 +34,8 @@ import torch
 from torch import nn
 
 from .pooling import GeM, pool_tokens
-from .registry import (
-    CLIP_MEAN,
-    CLIP_STD,
-    ModelError,
-    ModelSpec,
-    Preprocessing,
-    pretrained_download_error,
-    register,
-    register_prefix,
-)
+from .registry import (CLIP_MEAN, CLIP_STD, ModelError, ModelSpec, Preprocessing, pretrained_download_error, register,
+                       register_prefix)
 
 CLIP_POOLS = ("proj", "default", "gem", "mean", "cls")
 

@@ -21,18 +21,8 @@ import torch
 from torch import nn
 
 from .pooling import GeM, pool_map, pool_tokens
-from .registry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    INCEPTION_MEAN,
-    INCEPTION_STD,
-    ModelError,
-    ModelSpec,
-    Preprocessing,
-    pretrained_download_error,
-    register,
-    register_prefix,
-)
+from .registry import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, ModelError, ModelSpec,
+                       Preprocessing, pretrained_download_error, register, register_prefix)
 
 
 def lite0_weight_file() -> str:
