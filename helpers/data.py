@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .fileio import read_json, write_json
+from .settings import MAX_PIXELS_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 #: Pillow's own default limit (about 89.5 megapixels); larger files are refused as possible decompression bombs.
 #: ``$RETRIEVAL_MAX_PIXELS`` sets the limit instead (higher or lower), read when images are loaded.
 DEFAULT_MAX_PIXELS = 89_478_485
-MAX_PIXELS_ENV = "RETRIEVAL_MAX_PIXELS"
 #: Pillow reads its limit from a module global: loads with another limit swap it under this lock.
 _PILLOW_LIMIT_LOCK = threading.Lock()
 DEFAULT_DATA_DIR = Path("data")
@@ -199,16 +199,13 @@ def max_pixels_limit() -> int:
 
     Raises :class:`DataError` for a value that is not a positive whole number.
     """
-    value = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
-    if not value:
-        return DEFAULT_MAX_PIXELS
+    from .settings import env_int
+
     try:
-        limit = int(value)
-    except ValueError:
-        raise DataError(f"{MAX_PIXELS_ENV} must be a whole number of pixels, not {value!r}") from None
-    if limit < 1:
-        raise DataError(f"{MAX_PIXELS_ENV} must be at least 1, not {limit}")
-    return limit
+        limit = env_int(MAX_PIXELS_ENV, minimum=1, unit="pixels")
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    return DEFAULT_MAX_PIXELS if limit is None else limit
 
 
 @contextlib.contextmanager

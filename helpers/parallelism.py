@@ -12,6 +12,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from .settings import DECODE_WORKERS_ENV, THREADS_ENV, env_int
+
 logger = logging.getLogger(__name__)
 
 #: Share of the cores given to JPEG decoding and preprocessing on the CPU: decoding and preprocessing a 224 px
@@ -46,19 +48,6 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"${name} must be a whole number, not {value!r}") from None
-    if number < 0:
-        raise ValueError(f"${name} must be at least 0, not {number}")
-    return number
-
-
 def plan_threads(
     n_images: int,
     batch_size: int,
@@ -75,8 +64,8 @@ def plan_threads(
     ``num_workers`` / ``threads`` (or their environment variables) win; the other count fills the remaining cores.
     """
     cores = cores or available_cores()
-    num_workers = num_workers if num_workers is not None else _env_int("RETRIEVAL_DECODE_WORKERS")
-    threads = threads if threads is not None else (_env_int("RETRIEVAL_THREADS") or None)
+    num_workers = num_workers if num_workers is not None else env_int(DECODE_WORKERS_ENV)
+    threads = threads if threads is not None else (env_int(THREADS_ENV) or None)
     if device_type != "cpu":
         workers = num_workers if num_workers is not None else (
             0 if n_images < 2 * batch_size else min(MAX_GPU_WORKERS, max(0, cores - 1)))

@@ -112,3 +112,18 @@ def shared_datasets_dir(project: str | os.PathLike | None = None) -> Path:
     root."""
     env = os.environ.get(SHARED_ENV)
     return Path(env) if env else project_root(project).parent / "shared" / "datasets"
+
+
+def env_int(name: str, minimum: int = 0, unit: str = "") -> int | None:
+    """The whole number in the environment variable ``name`` (underscores allowed: ``100_000_000``), ``None`` when it
+    is unset or empty; ``ValueError`` naming the variable for anything else or a value below ``minimum``."""
+    value = os.environ.get(name, "").strip().replace("_", "")
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number{' of ' + unit if unit else ''}, not {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, not {number}")
+    return number
