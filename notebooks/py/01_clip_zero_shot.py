@@ -59,7 +59,7 @@ from helpers.metrics import evaluate_rankings, format_metrics_table
 from helpers.models import load_model
 from helpers.notebook import (check_run_outputs, choose_device, class_text_queries, fast_mode, maybe_submit,
                               notebook_data, output_root, save_outputs, show_image)
-from helpers.pipeline import run_retrieval
+from helpers.notebook import scored_retrieval
 from helpers.text import run_zero_shot, save_zero_shot, text_search
 
 FAST = fast_mode(FAST)
@@ -78,7 +78,7 @@ print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, {model.name} ({WEIGHT
 # the space the text tower shares.
 
 # %%
-run = run_retrieval(DATA, model=model, k=K, batch_size=BATCH_SIZE, device=DEVICE, run_name=TAG)
+run = scored_retrieval(DATA, model=model, k=K, batch_size=BATCH_SIZE, device=DEVICE, run_name=TAG)
 outputs = save_outputs(run, root=OUT)
 print(format_metrics_table(run.metrics))
 show_image(outputs.grid)

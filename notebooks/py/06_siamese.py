@@ -66,7 +66,7 @@ import pandas as pd
 from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame, notebook_data,
                               output_paths, output_root, plot_pair_similarities, plot_side_by_side, save_outputs,
                               show_image, weights_for)
-from helpers.pipeline import run_retrieval
+from helpers.notebook import scored_retrieval
 from helpers.training import make_config, train
 from helpers.viz import save_figure
 
@@ -84,8 +84,8 @@ print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, {MODEL} ({WEIGHTS}), 
 
 # %%
 runs, outputs = {}, {}
-runs["untrained"] = run_retrieval(DATA, model=MODEL, weights=WEIGHTS, model_options={"pool": "gem"}, k=K,
-                                  batch_size=BATCH_SIZE, device=DEVICE, run_name=f"{PREFIX}_gem", progress=False)
+runs["untrained"] = scored_retrieval(DATA, model=MODEL, weights=WEIGHTS, model_options={"pool": "gem"}, k=K,
+                                     batch_size=BATCH_SIZE, device=DEVICE, run_name=f"{PREFIX}_gem", progress=False)
 outputs["untrained"] = save_outputs(runs["untrained"], root=OUT)
 runs["untrained"].metrics
 
@@ -105,8 +105,8 @@ pd.DataFrame(result.history)
 # ## After: retrieval with the trained encoder
 
 # %%
-runs["siamese"] = run_retrieval(DATA, checkpoint=result.best_path, k=K, batch_size=BATCH_SIZE, device=DEVICE,
-                                run_name=f"{PREFIX}_{RECIPE}", progress=False)
+runs["siamese"] = scored_retrieval(DATA, checkpoint=result.best_path, k=K, batch_size=BATCH_SIZE, device=DEVICE,
+                                   run_name=f"{PREFIX}_{RECIPE}", progress=False)
 outputs["siamese"] = save_outputs(runs["siamese"], root=OUT)
 metrics_frame(runs)
 
