@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 # the notebook data (helpers.notebook_data), the plots (helpers.viz) and the settings (helpers.settings).
 from .colab import COLAB_KEEP, colab_requirements, colab_setup, in_colab  # noqa: F401
 from .notebook_data import (FAST_SOURCE, FAST_SPLIT, class_names, class_text_queries, fast_dataset,  # noqa: F401
-                            notebook_data, scoring_data)
+                            notebook_data, scoring_data, zero_shot_classes)
 # FAST_ENV, OUTPUT_ENV, SHARED_ENV, project_root and shared_datasets_dir are also used from here by notebooks.
 from .settings import (FAST_ENV, OUTPUT_ENV, SHARED_ENV, notebook_output_root, output_dir,  # noqa: F401
                        project_root, shared_datasets_dir)
@@ -136,15 +136,23 @@ def scored_retrieval(data: str | os.PathLike, **options: Any) -> "RetrievalRun":
     """:func:`helpers.pipeline.run_retrieval` on ``data`` with ``options``, always scored: where ``data`` has no
     ground truth (a competition's test), the same configuration also runs on the class-disjoint validation split of
     its training classes (:func:`scoring_data`) and those metrics become the run's (the config records
-    ``scored_on``); the rankings, hence the submission, stay those of ``data``."""
+    ``scored_on``, the run keeps that run as ``validation_run``); the rankings, hence the submission, stay those of
+    ``data``."""
     from .pipeline import run_retrieval
 
     run = run_retrieval(data, **options)
     if run.evaluation is None:
         validation = scoring_data(data)
-        run.evaluation = run_retrieval(validation, **options).evaluation
+        run.validation_run = run_retrieval(validation, **options)
+        run.evaluation = run.validation_run.evaluation
         run.config["scored_on"] = str(validation)
     return run
+
+
+def scored_runs(runs: Mapping[str, "RetrievalRun"]) -> dict[str, "RetrievalRun"]:
+    """Each run of :func:`scored_retrieval` as the run that has ground truth: its validation run where the test has
+    none, else itself (for plots that need same-class pairs, such as ``plot_pair_similarities``)."""
+    return {name: getattr(run, "validation_run", run) for name, run in runs.items()}
 
 
 def weights_for(model: str, fast: bool) -> str:

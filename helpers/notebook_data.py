@@ -109,6 +109,16 @@ def class_names(data: str | os.PathLike) -> list[str]:
     return []
 
 
+def zero_shot_classes(data: str | os.PathLike) -> list[str] | None:
+    """The class names zero-shot classification chooses among: None where ``test/labels.json`` gives them (and thus
+    true labels), else the ``training/`` folder names, underscores as spaces (no true labels: no accuracy)."""
+    from .data import load_retrieval_set
+
+    if load_retrieval_set(data).labels:
+        return None
+    return [name.replace("_", " ") for name in class_names(data)] or None
+
+
 def class_text_queries(
     data: str | os.PathLike, template: str = "a photo of a {}."
 ) -> tuple[list[str], dict[str, list[str]]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -45,7 +46,7 @@ def execute(notebook: nbformat.NotebookNode, cwd: Path) -> None:
             content = reply["content"]
             assert content["status"] == "ok", (
                 f"code cell {index} failed: {content.get('ename')}: {content.get('evalue')}\n"
-                + "\n".join(content.get("traceback", []))
+                + re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(content.get("traceback", [])))
             )
     finally:
         client.stop_channels()

@@ -66,7 +66,7 @@ import pandas as pd
 from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame, notebook_data,
                               output_paths, output_root, plot_pair_similarities, plot_side_by_side, save_outputs,
                               show_image, weights_for)
-from helpers.notebook import scored_retrieval
+from helpers.notebook import scored_retrieval, scored_runs
 from helpers.training import make_config, train
 from helpers.viz import save_figure
 
@@ -113,10 +113,12 @@ metrics_frame(runs)
 # %% [markdown]
 # ## Pair similarities
 # What the contrastive loss optimises directly: same-class pairs (green) should score above different-class pairs
-# (red). The AUC is the chance that a random same-class pair scores above a random different-class pair.
+# (red). The AUC is the chance that a random same-class pair scores above a random different-class pair. Without
+# ground truth for the test, the pairs come from the validation split of the training classes.
 
 # %%
-histograms = save_figure(plot_pair_similarities(runs), output_paths(f"{PREFIX}_pair-similarities", OUT)["grid"])
+pairs = plot_pair_similarities(scored_runs(runs))  # the validation runs where the test has no ground truth
+histograms = save_figure(pairs, output_paths(f"{PREFIX}_pair-similarities", OUT)["grid"])
 show_image(histograms, width=800)
 
 # %% [markdown]
