@@ -7,6 +7,8 @@
   else the project root, whatever the kernel's working folder (:mod:`helpers.settings`);
 - :func:`notebook_data`: a small real split of ``../shared/datasets`` (else the embedded demo) in fast mode, the
   user's folder in full mode;
+- :func:`scored_retrieval`: a run on the test, scored on the validation split of the training classes where the
+  test has no ground truth;
 - :func:`save_outputs`, :func:`metrics_frame`, :func:`check_run_outputs`: write, tabulate and check a run's files.
 
 Other concerns live in their own modules and are re-exported here, because the notebooks import what they call from
@@ -26,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 # Re-exported for the notebooks, which import everything they call from here: the Colab set-up (helpers.colab),
 # the notebook data (helpers.notebook_data), the plots (helpers.viz) and the settings (helpers.settings).
 from .colab import COLAB_KEEP, colab_requirements, colab_setup, in_colab  # noqa: F401
-from .notebook_data import FAST_SOURCE, FAST_SPLIT, class_names, class_text_queries, fast_dataset, notebook_data  # noqa: F401,E501
+from .notebook_data import (FAST_SOURCE, FAST_SPLIT, class_names, class_text_queries, fast_dataset,  # noqa: F401
+                            notebook_data, scoring_data, zero_shot_classes)
 # FAST_ENV, OUTPUT_ENV, SHARED_ENV, project_root and shared_datasets_dir are also used from here by notebooks.
 from .settings import (FAST_ENV, OUTPUT_ENV, SHARED_ENV, notebook_output_root, output_dir,  # noqa: F401
                        project_root, shared_datasets_dir)
@@ -127,6 +130,29 @@ def save_outputs(run: "RetrievalRun", tag: str | None = None, grid_queries: int 
     paths = output_paths(tag or run.run_name, root)
     return save_run(run, out=paths["submission"], metrics_out=paths["metrics"], grid_out=paths["grid"],
                     grid_queries=grid_queries)
+
+
+def scored_retrieval(data: str | os.PathLike, **options: Any) -> "RetrievalRun":
+    """:func:`helpers.pipeline.run_retrieval` on ``data`` with ``options``, always scored: where ``data`` has no
+    ground truth (a competition's test), the same configuration also runs on the class-disjoint validation split of
+    its training classes (:func:`scoring_data`) and those metrics become the run's (the config records
+    ``scored_on``, the run keeps that run as ``validation_run``); the rankings, hence the submission, stay those of
+    ``data``."""
+    from .pipeline import run_retrieval
+
+    run = run_retrieval(data, **options)
+    if run.evaluation is None:
+        validation = scoring_data(data)
+        run.validation_run = run_retrieval(validation, **options)
+        run.evaluation = run.validation_run.evaluation
+        run.config["scored_on"] = str(validation)
+    return run
+
+
+def scored_runs(runs: Mapping[str, "RetrievalRun"]) -> dict[str, "RetrievalRun"]:
+    """Each run of :func:`scored_retrieval` as the run that has ground truth: its validation run where the test has
+    none, else itself (for plots that need same-class pairs, such as ``plot_pair_similarities``)."""
+    return {name: getattr(run, "validation_run", run) for name, run in runs.items()}
 
 
 def weights_for(model: str, fast: bool) -> str:

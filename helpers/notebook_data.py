@@ -15,6 +15,11 @@ from .settings import project_root, shared_datasets_dir
 #: Fast mode's default real dataset and the size of its split (per class): small enough for a CPU in seconds.
 FAST_SOURCE = "imagenette-val"
 FAST_SPLIT = {"query_per_class": 2, "gallery_per_class": 6, "train_per_class": 6}
+#: The notebooks' default data folder (relative to the project root); fast mode splits its own data unless another
+#: folder is given.
+DEFAULT_DATA_DIR = "data"
+#: Share of the training classes held out as the validation split when the test has no ground truth.
+HOLDOUT_CLASSES = 0.2
 
 
 def fast_dataset(
@@ -46,7 +51,8 @@ def fast_dataset(
 
 
 def notebook_data(fast: bool, data_dir: str | os.PathLike = "data", source: str = FAST_SOURCE, **split: int) -> Path:
-    """Fast mode: :func:`fast_dataset`; full mode: ``data_dir`` (relative to the project root), checked.
+    """Fast mode: :func:`fast_dataset`, unless ``data_dir`` is set to another folder than ``data``; full mode (or that
+    folder): ``data_dir`` (relative to the project root), checked.
 
     Fast mode also points the embedding cache (``$RETRIEVAL_CACHE_DIR``) at a fresh temporary folder: the cells of
     one notebook share embeddings, and randomly initialised weights never meet embeddings cached from another
@@ -54,15 +60,41 @@ def notebook_data(fast: bool, data_dir: str | os.PathLike = "data", source: str 
     """
     if fast:
         os.environ["RETRIEVAL_CACHE_DIR"] = tempfile.mkdtemp(prefix="retrieval-notebook-cache-")
-        return fast_dataset(source, **split)
+        if os.fspath(data_dir) == DEFAULT_DATA_DIR:
+            return fast_dataset(source, **split)
     from .data import load_retrieval_set
 
     path = Path(data_dir)
     if not path.is_absolute():
         path = project_root() / path
     dataset = load_retrieval_set(path)  # raises a DataError naming what is missing
-    print(f"full mode: {len(dataset.query_paths)} queries, {len(dataset.gallery_paths)} gallery images in {path}")
+    truth = "with ground truth" if dataset.ground_truth is not None else "no ground truth: scored on a validation split"
+    print(f"{'fast' if fast else 'full'} mode: {len(dataset.query_paths)} queries, {len(dataset.gallery_paths)} "
+          f"gallery images in {path} ({truth})")
     return path
+
+
+def scoring_data(data: str | os.PathLike, fraction: float = HOLDOUT_CLASSES, seed: int = 0) -> Path:
+    """The folder a notebook's runs are scored on: ``data`` itself when ``test/ground_truth.json`` exists, else a
+    class-disjoint validation split of ``data/training`` (:func:`helpers.select.build_validation`: a seeded share
+    ``fraction`` of whole classes as query/gallery with ground truth, as the test holds unseen identities), built once
+    in a temporary folder per dataset and seed and reused afterwards."""
+    import hashlib
+
+    from .data import DataError, load_retrieval_set
+    from .select import build_validation
+
+    dataset = load_retrieval_set(data)
+    if dataset.ground_truth is not None:
+        return Path(data)
+    if dataset.training_dir is None:
+        raise DataError(f"{data}: test/ground_truth.json and training/ are both missing: nothing to score runs on")
+    key = hashlib.sha1(f"{Path(data).resolve()}|{fraction}|{seed}".encode()).hexdigest()[:12]
+    out = Path(tempfile.gettempdir()) / "retrieval-validation" / key
+    split, reused = build_validation(dataset.training_dir, out, fraction=fraction, seed=seed, min_training=0)
+    print(f"validation split of {dataset.training_dir} ({'reused' if reused else 'built'}): held-out classes "
+          f"{split.held_out} -> {out}")
+    return out
 
 
 def class_names(data: str | os.PathLike) -> list[str]:
@@ -75,6 +107,16 @@ def class_names(data: str | os.PathLike) -> list[str]:
     if dataset.training_dir is not None:
         return [folder.name for folder in class_folders(dataset.training_dir)]
     return []
+
+
+def zero_shot_classes(data: str | os.PathLike) -> list[str] | None:
+    """The class names zero-shot classification chooses among: None where ``test/labels.json`` gives them (and thus
+    true labels), else the ``training/`` folder names, underscores as spaces (no true labels: no accuracy)."""
+    from .data import load_retrieval_set
+
+    if load_retrieval_set(data).labels:
+        return None
+    return [name.replace("_", " ") for name in class_names(data)] or None
 
 
 def class_text_queries(

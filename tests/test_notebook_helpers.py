@@ -112,6 +112,24 @@ def test_notebook_data_full_mode_checks_the_folder(tmp_path, demo_data):
         notebook_data(False, tmp_path / "missing")
 
 
+def test_scoring_data_is_a_class_disjoint_split_of_training_without_ground_truth(tmp_path, demo_data):
+    import shutil
+
+    from helpers.notebook import scoring_data
+
+    assert scoring_data(demo_data) == demo_data  # labelled: scored on its own test
+    data = tmp_path / "competition"
+    shutil.copytree(demo_data, data)
+    (data / "test" / "ground_truth.json").unlink()
+    (data / "test" / "labels.json").unlink(missing_ok=True)
+    validation = scoring_data(data, seed=3)
+    held_out = json.loads((validation / "classes.json").read_text())["held_out"]
+    training = {p.name for p in (data / "training").iterdir() if p.is_dir()}
+    assert validation != data and len(held_out) >= 2 and set(held_out) <= training
+    assert load_retrieval_set(validation).ground_truth, "the validation split must carry ground truth"
+    assert scoring_data(data, seed=3) == validation  # built once, then reused
+
+
 def _write_outputs(tmp_path, rankings, metrics):
     submission = tmp_path / "sub.json"
     submission.write_text(json.dumps(rankings))

@@ -56,7 +56,7 @@ SERVER_URL = ""
 from helpers.metrics import format_metrics_table
 from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, notebook_data, output_root,
                               save_outputs, show_image)
-from helpers.pipeline import run_retrieval
+from helpers.notebook import scored_retrieval
 
 FAST = fast_mode(FAST)
 DEVICE = choose_device(DEVICE)
@@ -72,8 +72,8 @@ print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, outputs: {OUT}")
 # and the grid under the output root `OUT` (the project root in full mode).
 
 # %%
-run = run_retrieval(DATA, model=MODEL, weights=WEIGHTS, k=K, batch_size=BATCH_SIZE, device=DEVICE,
-                    run_name=TAG)
+run = scored_retrieval(DATA, model=MODEL, weights=WEIGHTS, k=K, batch_size=BATCH_SIZE, device=DEVICE,
+                       run_name=TAG)
 outputs = save_outputs(run, root=OUT)
 print(format_metrics_table(run.metrics))
 print(outputs)

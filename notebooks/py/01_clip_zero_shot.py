@@ -59,7 +59,7 @@ from helpers.metrics import evaluate_rankings, format_metrics_table
 from helpers.models import load_model
 from helpers.notebook import (check_run_outputs, choose_device, class_text_queries, fast_mode, maybe_submit,
                               notebook_data, output_root, save_outputs, show_image)
-from helpers.pipeline import run_retrieval
+from helpers.notebook import scored_retrieval, zero_shot_classes
 from helpers.text import run_zero_shot, save_zero_shot, text_search
 
 FAST = fast_mode(FAST)
@@ -78,7 +78,7 @@ print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, {model.name} ({WEIGHT
 # the space the text tower shares.
 
 # %%
-run = run_retrieval(DATA, model=model, k=K, batch_size=BATCH_SIZE, device=DEVICE, run_name=TAG)
+run = scored_retrieval(DATA, model=model, k=K, batch_size=BATCH_SIZE, device=DEVICE, run_name=TAG)
 outputs = save_outputs(run, root=OUT)
 print(format_metrics_table(run.metrics))
 show_image(outputs.grid)
@@ -99,10 +99,12 @@ print(format_metrics_table(text_eval.metrics))
 # %% [markdown]
 # ## 3. Zero-shot classification
 # Every query and gallery image is labelled among the class names, each class embedded as the mean of its
-# prompts (`TEMPLATES`); the true labels come from `test/labels.json`.
+# prompts (`TEMPLATES`); the true labels come from `test/labels.json`. Without it (a competition's test), the
+# classes are the `training/` folders and no accuracy is computed.
 
 # %%
-zero_shot = run_zero_shot(DATA, templates=TEMPLATES, model=model, batch_size=BATCH_SIZE, device=DEVICE)
+zero_shot = run_zero_shot(DATA, classes=zero_shot_classes(DATA), templates=TEMPLATES, model=model,
+                          batch_size=BATCH_SIZE, device=DEVICE)
 zero_shot_files = save_zero_shot(zero_shot, OUT / "results" / "zero-shot" / TAG)
 print({key: value for key, value in (zero_shot.metrics or {}).items() if not isinstance(value, dict)})
 zero_shot.predictions_frame().head()

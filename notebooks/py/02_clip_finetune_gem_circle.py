@@ -64,7 +64,7 @@ import pandas as pd
 
 from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame, notebook_data,
                               output_paths, output_root, plot_side_by_side, save_outputs, show_image, weights_for)
-from helpers.pipeline import run_retrieval
+from helpers.notebook import scored_retrieval
 from helpers.training import make_config, train
 from helpers.viz import save_figure
 
@@ -83,8 +83,8 @@ print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, {MODEL} ({WEIGHTS}), 
 
 # %%
 runs, outputs = {}, {}
-runs["zero-shot"] = run_retrieval(DATA, model=MODEL, weights=WEIGHTS, k=K, batch_size=BATCH_SIZE, device=DEVICE,
-                                  run_name=f"{PREFIX}_zero-shot", progress=False)
+runs["zero-shot"] = scored_retrieval(DATA, model=MODEL, weights=WEIGHTS, k=K, batch_size=BATCH_SIZE, device=DEVICE,
+                                     run_name=f"{PREFIX}_zero-shot", progress=False)
 outputs["zero-shot"] = save_outputs(runs["zero-shot"], root=OUT)
 runs["zero-shot"].metrics
 
@@ -109,8 +109,8 @@ pd.DataFrame(result.history)
 # command line); the metrics JSON records the recipe, loss and epochs.
 
 # %%
-runs["fine-tuned"] = run_retrieval(DATA, checkpoint=result.best_path, k=K, batch_size=BATCH_SIZE, device=DEVICE,
-                                   run_name=f"{PREFIX}_{RECIPE}", progress=False)
+runs["fine-tuned"] = scored_retrieval(DATA, checkpoint=result.best_path, k=K, batch_size=BATCH_SIZE, device=DEVICE,
+                                      run_name=f"{PREFIX}_{RECIPE}", progress=False)
 outputs["fine-tuned"] = save_outputs(runs["fine-tuned"], root=OUT)
 metrics_frame(runs)
 

@@ -59,7 +59,7 @@ SERVER_URL = ""
 from helpers.models import load_model
 from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame, notebook_data,
                               output_root, runs_frame, save_outputs, show_image, weights_for)
-from helpers.pipeline import run_retrieval
+from helpers.notebook import scored_retrieval
 from helpers.report import plot_metric_bars
 
 FAST = fast_mode(FAST)
@@ -79,7 +79,7 @@ runs, outputs, models = {}, {}, {}
 for name, pool in FAST_RUNS if FAST else RUNS:
     tag = f"{PREFIX}_{name}_{pool}"
     models[tag] = load_model(name, weights=weights_for(name, FAST), device=DEVICE, pool=pool)
-    runs[tag] = run_retrieval(DATA, model=models[tag], run_name=tag, **COMMON)
+    runs[tag] = scored_retrieval(DATA, model=models[tag], run_name=tag, **COMMON)
     outputs[tag] = save_outputs(runs[tag], root=OUT)
 metrics_frame(runs)
 
@@ -92,7 +92,7 @@ metrics_frame(runs)
 best_tag = max(runs, key=lambda tag: runs[tag].metrics["weighted_score"])
 for name, options in POSTPROCESSING.items():
     tag = f"{best_tag}_{name}"
-    runs[tag] = run_retrieval(DATA, model=models[best_tag], run_name=tag, **options, **COMMON)
+    runs[tag] = scored_retrieval(DATA, model=models[best_tag], run_name=tag, **options, **COMMON)
     outputs[tag] = save_outputs(runs[tag], root=OUT)
 metrics_frame(runs)
 

@@ -54,7 +54,7 @@ SERVER_URL = ""
 # %%
 from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame, notebook_data,
                               output_root, runs_frame, save_outputs, show_image, weights_for)
-from helpers.pipeline import run_retrieval
+from helpers.notebook import scored_retrieval
 from helpers.report import plot_metric_bars
 
 FAST = fast_mode(FAST)
@@ -72,8 +72,8 @@ print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, outputs: {OUT}")
 runs, outputs = {}, {}
 for model in FAST_MODELS if FAST else MODELS:
     tag = f"{PREFIX}_{model}_{POOL}"
-    runs[tag] = run_retrieval(DATA, model=model, weights=weights_for(model, FAST), k=K, batch_size=BATCH_SIZE,
-                              device=DEVICE, model_options={"pool": POOL}, run_name=tag, progress=False)
+    runs[tag] = scored_retrieval(DATA, model=model, weights=weights_for(model, FAST), k=K, batch_size=BATCH_SIZE,
+                                 device=DEVICE, model_options={"pool": POOL}, run_name=tag, progress=False)
     outputs[tag] = save_outputs(runs[tag], root=OUT)
 metrics_frame(runs)
 

@@ -66,7 +66,7 @@ import pandas as pd
 from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame, notebook_data,
                               output_paths, output_root, plot_pair_similarities, plot_side_by_side, save_outputs,
                               show_image, weights_for)
-from helpers.pipeline import run_retrieval
+from helpers.notebook import scored_retrieval, scored_runs
 from helpers.training import make_config, train
 from helpers.viz import save_figure
 
@@ -84,8 +84,8 @@ print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, {MODEL} ({WEIGHTS}), 
 
 # %%
 runs, outputs = {}, {}
-runs["untrained"] = run_retrieval(DATA, model=MODEL, weights=WEIGHTS, model_options={"pool": "gem"}, k=K,
-                                  batch_size=BATCH_SIZE, device=DEVICE, run_name=f"{PREFIX}_gem", progress=False)
+runs["untrained"] = scored_retrieval(DATA, model=MODEL, weights=WEIGHTS, model_options={"pool": "gem"}, k=K,
+                                     batch_size=BATCH_SIZE, device=DEVICE, run_name=f"{PREFIX}_gem", progress=False)
 outputs["untrained"] = save_outputs(runs["untrained"], root=OUT)
 runs["untrained"].metrics
 
@@ -105,18 +105,20 @@ pd.DataFrame(result.history)
 # ## After: retrieval with the trained encoder
 
 # %%
-runs["siamese"] = run_retrieval(DATA, checkpoint=result.best_path, k=K, batch_size=BATCH_SIZE, device=DEVICE,
-                                run_name=f"{PREFIX}_{RECIPE}", progress=False)
+runs["siamese"] = scored_retrieval(DATA, checkpoint=result.best_path, k=K, batch_size=BATCH_SIZE, device=DEVICE,
+                                   run_name=f"{PREFIX}_{RECIPE}", progress=False)
 outputs["siamese"] = save_outputs(runs["siamese"], root=OUT)
 metrics_frame(runs)
 
 # %% [markdown]
 # ## Pair similarities
 # What the contrastive loss optimises directly: same-class pairs (green) should score above different-class pairs
-# (red). The AUC is the chance that a random same-class pair scores above a random different-class pair.
+# (red). The AUC is the chance that a random same-class pair scores above a random different-class pair. Without
+# ground truth for the test, the pairs come from the validation split of the training classes.
 
 # %%
-histograms = save_figure(plot_pair_similarities(runs), output_paths(f"{PREFIX}_pair-similarities", OUT)["grid"])
+pairs = plot_pair_similarities(scored_runs(runs))  # the validation runs where the test has no ground truth
+histograms = save_figure(pairs, output_paths(f"{PREFIX}_pair-similarities", OUT)["grid"])
 show_image(histograms, width=800)
 
 # %% [markdown]

@@ -60,7 +60,7 @@ from helpers.data import load_retrieval_set
 from helpers.html_report import write_html_report
 from helpers.notebook import (best_runs_on, check_run_outputs, choose_device, fast_mode, notebook_data, output_paths,
                               output_root, plot_side_by_side, save_outputs, show_image, weights_for)
-from helpers.pipeline import run_retrieval
+from helpers.notebook import scored_retrieval
 from helpers.report import comparison_table, grouped_views, load_results, plot_metric_bars, write_report
 from helpers.submission import validate_submission
 from helpers.viz import save_figure
@@ -79,8 +79,8 @@ print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, outputs: {OUT}, resul
 # %%
 outputs = {}
 for model, pool in FAST_BASELINES if FAST else BASELINES:
-    run = run_retrieval(DATA, model=model, weights=weights_for(model, FAST), model_options={"pool": pool}, k=K,
-                        batch_size=BATCH_SIZE, device=DEVICE, run_name=f"{PREFIX}_{model}_{pool}", progress=False)
+    run = scored_retrieval(DATA, model=model, weights=weights_for(model, FAST), model_options={"pool": pool}, k=K,
+                           batch_size=BATCH_SIZE, device=DEVICE, run_name=f"{PREFIX}_{model}_{pool}", progress=False)
     outputs[run.run_name] = save_outputs(run, root=OUT)
 list(outputs)
 
