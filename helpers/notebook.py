@@ -1,7 +1,7 @@
 """Small helpers the notebooks call, so that each notebook stays a list of parameters, calls and assertions.
 
-- :func:`fast_mode`: the ``RETRIEVAL_FAST`` switch (``1`` fast, ``0`` full; unset: fast without a GPU);
-- :func:`choose_device`;
+- :func:`notebook_mode`: the mode (:func:`mode_reason`: the ``FAST`` parameter, else ``RETRIEVAL_FAST``; unset:
+  fast without a GPU) and the device (:func:`choose_device`), printed with the reason and the GPU's name and memory;
 - :func:`output_root` and :func:`output_paths`: outputs go to ``<root>/submissions``, ``results``,
   ``visualizations`` and ``runs``, where ``root`` is ``$RETRIEVAL_OUTPUT_DIR``, else (fast mode) a folder of its own,
   else the project root, whatever the kernel's working folder (:mod:`helpers.settings`);
@@ -70,16 +70,25 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def fast_mode(value: bool | str | None = None) -> bool:
-    """Whether the notebook runs in fast mode.
+def mode_reason(value: bool | str | None = None) -> tuple[bool, str]:
+    """Whether the notebook runs in fast mode, and why (for the notebook to print).
 
-    ``value`` (a notebook parameter) wins when given; else ``$RETRIEVAL_FAST``: ``1`` fast, ``0`` full; unset or
-    empty: fast where no CUDA GPU is present, full where one is.
+    ``value`` (the notebook's ``FAST`` parameter) wins when given; else ``$RETRIEVAL_FAST``: ``1`` fast, ``0``
+    full; unset or empty: fast where no CUDA GPU is present, full where one is.
     """
-    if value is None:
-        value = os.environ.get(FAST_ENV, "").strip()
-        if value == "":
-            return not _cuda_available()
+    if value is not None:
+        return _parse_mode(value), f"the FAST parameter is {value!r}"
+    env = os.environ.get(FAST_ENV, "").strip()
+    if env:
+        return _parse_mode(env), f"{FAST_ENV}={env}"
+    if _cuda_available():
+        return False, (f"FAST is None and {FAST_ENV} is unset, and a CUDA GPU is present (set FAST = True for a "
+                       "quick check with small models)")
+    return True, (f"FAST is None and {FAST_ENV} is unset, and there is no CUDA GPU (set FAST = False for the whole "
+                  "job on this machine)")
+
+
+def _parse_mode(value: bool | str) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -87,7 +96,12 @@ def fast_mode(value: bool | str | None = None) -> bool:
         return True
     if text in ("0", "false", "no", "full"):
         return False
-    raise ValueError(f"{FAST_ENV} must be 1 (fast) or 0 (full), not {value!r}")
+    raise ValueError(f"{FAST_ENV} must be 1 (fast) or 0 (full) (so must the FAST parameter), not {value!r}")
+
+
+def fast_mode(value: bool | str | None = None) -> bool:
+    """Whether the notebook runs in fast mode (:func:`mode_reason` without the reason)."""
+    return mode_reason(value)[0]
 
 
 def choose_device(device: str = "auto") -> str:
@@ -95,6 +109,32 @@ def choose_device(device: str = "auto") -> str:
     from .models import resolve_device
 
     return str(resolve_device(device))
+
+
+def device_summary(device: str) -> str:
+    """``device`` in words: the GPU's name and memory for CUDA, the cores for the CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        index = torch.device(device).index or 0
+        properties = torch.cuda.get_device_properties(index)
+        free, total = torch.cuda.mem_get_info(index)
+        return (f"{device}: {properties.name}, {total / 2**30:.1f} GiB memory ({free / 2**30:.1f} GiB free), "
+                f"{torch.cuda.device_count()} GPU(s)")
+    if device == "mps":
+        return "mps: Apple GPU (Metal)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{device}: no GPU, {cores} CPU cores"
+
+
+def notebook_mode(fast: bool | str | None = None, device: str = "auto") -> tuple[bool, str]:
+    """Resolve the notebook's ``FAST`` and ``DEVICE`` parameters once and print the mode, why, and the device (GPU
+    name and memory): ``FAST, DEVICE = notebook_mode(FAST, DEVICE)``."""
+    fast, why = mode_reason(fast)
+    device = choose_device(device)
+    print(f"{'fast' if fast else 'full'} mode, because {why}")
+    print(f"device {device_summary(device)}")
+    return fast, device
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,19 +255,59 @@ def maybe_submit(
     data: str | os.PathLike | None = None,
     k: int = 10,
     root: str | os.PathLike | None = None,
+    token: str = "",
 ) -> Any:
     """Send ``submission`` with :func:`helpers.client.submit` only when both ``group`` and ``url`` are set.
 
     Returns the client's result, or None (with a printed reason) when either is empty: notebooks never submit by
-    accident. The attempt log goes to ``<root>/submissions/submit_log.jsonl`` (default root: :func:`output_root`).
+    accident. The attempt log goes to ``<root>/submissions/submit_log.jsonl`` and a copy of what was sent to
+    ``<root>/submissions/sent/`` (default root: :func:`output_root`); ``token``: for a server with per-group tokens.
     """
     if not (group and url):
         print("not submitted: set GROUP_NAME and SERVER_URL in the parameters cell to send this submission")
         return None
     from .client import submit
 
-    log = output_dir("submissions", output_root() if root is None else root) / "submit_log.jsonl"
-    return submit(submission, group, url=url, data=data, k=k, log_path=log)
+    folder = output_dir("submissions", output_root() if root is None else root)
+    return submit(submission, group, url=url, data=data, k=k, log_path=folder / "submit_log.jsonl",
+                  saved_dir=folder / "sent", token=token or None)
+
+
+def competition_plan(fast: bool, device: str, models: Sequence[str] = (), budget_minutes: float = 30.0,
+                     finetune: bool | None = None, recipe: str = "circle") -> dict[str, Any]:
+    """What ``08_competition`` hands to :func:`helpers.select.select`, decided from the mode and the device, printed.
+
+    ``models`` empty: ``select``'s defaults for the device (fast mode: ``efficientnet-lite0`` only, whose weights
+    ship offline); fast mode caps the budget at 2 minutes; ``finetune`` None: on with a CUDA GPU in full mode, else
+    off (head-only fine-tuning of the best model with ``recipe`` on the classes not held out)."""
+    from .select import default_models
+
+    chosen = list(models) or (["efficientnet-lite0"] if fast else default_models(device))
+    budget = min(float(budget_minutes), 2.0) if fast else float(budget_minutes)
+    train = finetune if finetune is not None else (not fast and device.startswith("cuda"))
+    plan = {"models": chosen, "budget_minutes": budget, "train": recipe if train else None}
+    why = "set by FINETUNE" if finetune is not None else ("a GPU in full mode" if train else "no GPU or fast mode")
+    print(f"select: models {', '.join(chosen)}; budget {budget:g} min; fine-tuning "
+          f"{'with ' + recipe if train else 'off'} ({why})")
+    return plan
+
+
+def save_selection(outcome: Any, tag: str, data: str | os.PathLike,
+                   root: str | os.PathLike | None = None) -> "RunOutputs":
+    """Copy what :func:`helpers.select.select` wrote into the notebook's output folders, named ``tag``: its
+    submission (``submissions/``), the test grid (``visualizations/``) and, as ``results/<tag>.json``, the winner's
+    metrics JSON from the validation split, for ``data`` (``config.scored_on`` names the split)."""
+    from .fileio import read_json, write_bytes, write_json
+    from .pipeline import RunOutputs
+
+    paths = output_paths(tag, root)
+    write_bytes(paths["submission"], Path(outcome.submission).read_bytes())
+    record = read_json(outcome.winner.metrics_path)
+    record["config"] = {**(record.get("config") or {}), "data": str(data), "scored_on": str(outcome.validation_dir)}
+    record.update(run_name=tag, candidate=outcome.winner.candidate.name, submission=str(paths["submission"]))
+    write_json(paths["metrics"], record)
+    grid = write_bytes(paths["grid"], Path(outcome.grid).read_bytes()) if outcome.grid is not None else None
+    return RunOutputs(paths["submission"], paths["metrics"], grid)
 
 
 def show_image(path: str | os.PathLike, width: int | None = 900) -> Any:

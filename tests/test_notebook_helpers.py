@@ -313,3 +313,99 @@ def test_in_colab_and_choose_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert notebook.choose_device() == "cpu"
+
+
+def test_mode_reason_says_where_the_mode_comes_from(monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_FAST", "0")
+    assert notebook.mode_reason(True) == (True, "the FAST parameter is True")
+    assert notebook.mode_reason() == (False, "RETRIEVAL_FAST=0")
+    monkeypatch.delenv("RETRIEVAL_FAST")
+    monkeypatch.setattr(notebook, "_cuda_available", lambda: True)
+    fast, why = notebook.mode_reason()
+    assert fast is False and "a CUDA GPU is present" in why
+    monkeypatch.setattr(notebook, "_cuda_available", lambda: False)
+    fast, why = notebook.mode_reason()
+    assert fast is True and "there is no CUDA GPU" in why
+
+
+def test_notebook_mode_prints_the_mode_the_reason_and_the_gpu(monkeypatch, capsys):
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(name="Tesla T4"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (14 * 2**30, 15 * 2**30))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("RETRIEVAL_FAST", raising=False)
+    assert notebook.notebook_mode(None, "auto") == (False, "cuda")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("full mode, because FAST is None") and "CUDA GPU is present" in out[0]
+    assert out[1] == "device cuda: Tesla T4, 15.0 GiB memory (14.0 GiB free), 1 GPU(s)"
+    assert notebook.notebook_mode("1", "cpu") == (True, "cpu")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "fast mode, because the FAST parameter is '1'" and "no GPU" in out[1]
+
+
+def test_competition_plan_by_mode_and_device(capsys):
+    from helpers.select import CPU_MODELS, GPU_MODELS
+
+    fast = notebook.competition_plan(True, "cpu", [], 30)
+    assert fast == {"models": ["efficientnet-lite0"], "budget_minutes": 2.0, "train": None}
+    full_gpu = notebook.competition_plan(False, "cuda", [], 45)
+    assert full_gpu == {"models": list(GPU_MODELS), "budget_minutes": 45.0, "train": "circle"}
+    full_cpu = notebook.competition_plan(False, "cpu", [], 45)
+    assert full_cpu["models"] == list(CPU_MODELS) and full_cpu["train"] is None
+    forced = notebook.competition_plan(False, "cpu", ["resnet18"], 5, finetune=True, recipe="arcface")
+    assert forced == {"models": ["resnet18"], "budget_minutes": 5.0, "train": "arcface"}
+    assert "fine-tuning with arcface (set by FINETUNE)" in capsys.readouterr().out
+
+
+def test_save_selection_copies_the_winner_into_the_output_folders(tmp_path):
+    import types
+
+    from helpers.fileio import read_json, write_json
+
+    submission = tmp_path / "sel" / "submission.json"
+    submission.parent.mkdir()
+    submission.write_text(json.dumps({"q.jpg": ["g.jpg"]}))
+    grid = tmp_path / "sel" / "grid.png"
+    grid.write_bytes(b"\x89PNG\r\n\x1a\nxx")
+    metrics = write_json(tmp_path / "sel" / "candidates" / "001.json",
+                         {"metrics": {"hit@1": 0.5}, "config": {"data": "validation", "model": "m"}})
+    winner = types.SimpleNamespace(metrics_path=metrics, candidate=types.SimpleNamespace(name="m gem"))
+    outcome = types.SimpleNamespace(submission=submission, grid=grid, winner=winner,
+                                    validation_dir=tmp_path / "sel" / "validation")
+    outputs = notebook.save_selection(outcome, "tag", tmp_path / "data", root=tmp_path / "out")
+    assert outputs.submission == tmp_path / "out" / "submissions" / "tag.json"
+    assert json.loads(outputs.submission.read_text()) == {"q.jpg": ["g.jpg"]}
+    assert outputs.grid.read_bytes() == grid.read_bytes()
+    record = read_json(outputs.metrics)
+    assert record["config"] == {"data": str(tmp_path / "data"), "model": "m",
+                                "scored_on": str(tmp_path / "sel" / "validation")}
+    assert record["metrics"] == {"hit@1": 0.5} and record["candidate"] == "m gem"
+
+
+def test_colab_links_come_from_one_setting(tmp_path):
+    import shutil
+
+    from helpers.colab import colab_links, colab_settings, main, sync_colab_links
+
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks", ignore=shutil.ignore_patterns("__pycache__"))
+    text = (ROOT / "pyproject.toml").read_text()
+    repository, branch = colab_settings(ROOT)
+    (tmp_path / "pyproject.toml").write_text(text.replace(f'repository = "{repository}"', 'repository = "team/cbir"')
+                                             .replace(f'branch = "{branch}"', 'branch = "dev/2"'))
+    assert colab_settings(tmp_path) == ("team/cbir", "dev/2")
+    changed = sync_colab_links(tmp_path)
+    notebooks = sorted((tmp_path / "notebooks").glob("*.ipynb"))
+    assert len(changed) == 2 * len(notebooks)
+    for path in notebooks:
+        links = colab_links(path.name, "team/cbir", "dev/2")
+        for twin in (path, tmp_path / "notebooks" / "py" / f"{path.stem}.py"):
+            source = twin.read_text()
+            assert links["badge"] in source and links["clone"] in source and repository not in source
+            assert '"--branch", "dev/2"' in source or '\\"--branch\\", \\"dev/2\\"' in source
+    assert sync_colab_links(tmp_path) == []
+    (tmp_path / "pyproject.toml").write_text(text.replace(f'repository = "{repository}"', 'repository = "no slash"'))
+    assert main(["--sync", "--root", str(tmp_path)]) == 2

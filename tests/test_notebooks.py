@@ -13,14 +13,17 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from helpers.colab import colab_links, colab_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 MAX_CODE_LINES = 25
 MAX_FUNCTION_LINES = 5
+SYNC = "python -m helpers.colab --sync"
 BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 COLAB_LINK = re.compile(
-    r"https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/main/notebooks/(?P<name>[\w.-]+)"
+    r"https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/[\w./-]+?/notebooks/(?P<name>[\w.-]+)"
 )
 
 
@@ -59,6 +62,11 @@ def test_title_and_colab_badge(path):
     assert BADGE in first.source, f"{path.name}: no 'Open in Colab' badge in the first cell"
     match = COLAB_LINK.search(first.source)
     assert match and match["name"] == path.name, f"{path.name}: the badge must link to this notebook"
+    links = colab_links(path.name, *colab_settings(ROOT))
+    assert links["badge"] in first.source, f"{path.name}: badge not at the setting's repository: run {SYNC}"
+    clone = next(c.source for c in cells(path, "code") if "google.colab" in c.source)
+    assert links["clone"] in clone and f'"--branch", "{links["branch"]}"' in clone, (
+        f"{path.name}: the clone cell is not at the setting's repository and branch: run {SYNC}")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -80,7 +88,8 @@ def test_parameters_cell(path):
     tree = ast.parse(tagged[0].source)
     assert all(isinstance(node, (ast.Assign, ast.AnnAssign)) for node in tree.body), "parameters: assignments only"
     names = {t.id for node in tree.body for t in getattr(node, "targets", [getattr(node, "target", None)])}
-    assert {"FAST", "DEVICE"} <= names, f"{path.name}: the parameters cell must set FAST and DEVICE"
+    assert {"FAST", "DEVICE", "DATA_SOURCE"} <= names, (
+        f"{path.name}: the parameters cell must set FAST, DEVICE and DATA_SOURCE")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -101,8 +110,9 @@ def test_cells_are_short_and_define_no_long_functions(path):
 def test_mode_device_outputs_and_final_checks(path):
     code = [c.source for c in cells(path, "code")]
     text = "\n".join(code)
-    assert len(re.findall(r"\bchoose_device\(", text)) == 1, f"{path.name}: choose the device exactly once"
-    assert "fast_mode(" in text, f"{path.name}: fast mode must come from helpers.notebook.fast_mode"
+    assert len(re.findall(r"\bnotebook_mode\(", text)) == 1, (
+        f"{path.name}: resolve the mode and the device once, with helpers.notebook.notebook_mode (it prints why)")
+    assert "choose_device(" not in text and "fast_mode(" not in text, f"{path.name}: use notebook_mode"
     assert "check_run_outputs(" in code[-1] and "assert" in code[-1], f"{path.name}: end with checks on its outputs"
 
 

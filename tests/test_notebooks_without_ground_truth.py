@@ -2,7 +2,7 @@
 
 Each notebook runs in a fresh kernel (jupyter_client, as nbval runs them). The folder is the fast split (``helpers.notebook.fast_dataset``: the shared photos, else the embedded demo) with
 ``test/ground_truth.json`` and ``test/labels.json`` removed; a cell injected after the parameters cell points
-``DATA_DIR`` at it, as papermill's ``-p DATA_DIR`` would. Each notebook must run to its end (its own final checks:
+``DATA_SOURCE`` at it, as papermill's ``-p DATA_SOURCE`` would. Each notebook must run to its end (its own final checks:
 a valid submission for the test, metrics from the validation split of the training classes) and its metrics JSON
 must say that it was scored on that split.
 """
@@ -56,7 +56,7 @@ def execute(notebook: nbformat.NotebookNode, cwd: Path) -> None:
 def with_data_dir(path: Path, data: Path) -> nbformat.NotebookNode:
     notebook = nbformat.read(path, as_version=4)
     index = next(i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", []))
-    notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(f"DATA_DIR = {str(data)!r}"))
+    notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(f"DATA_SOURCE = {str(data)!r}"))
     return notebook
 
 

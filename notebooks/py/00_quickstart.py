@@ -26,7 +26,7 @@
 #   where present, else the embedded digits demo; runs on a CPU in well under a minute. Its outputs go to a folder
 #   of their own (`$RETRIEVAL_OUTPUT_DIR`, else `retrieval-fast-outputs` in the temporary folder), never to the
 #   project's `results/`.
-# - **Full mode** (`RETRIEVAL_FAST=0`, the default with a GPU): your dataset in `DATA_DIR`
+# - **Full mode** (`RETRIEVAL_FAST=0`, the default with a GPU): your dataset in `DATA_SOURCE`
 #   (`training/<class>/*`, `test/query/*`, `test/gallery/*`, optional `test/ground_truth.json`).
 
 # %%
@@ -34,7 +34,8 @@
 import os, subprocess, sys
 if "google.colab" in sys.modules:
     if not os.path.isdir("/content/project"):
-        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/YOUR_ORG/YOUR_REPO.git",
+        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main",
+                        "https://github.com/YOUR_ORG/YOUR_REPO.git",
                         "/content/project"], check=True)
     os.chdir("/content/project")
     sys.path.insert(0, "/content/project")
@@ -42,8 +43,10 @@ if "google.colab" in sys.modules:
     colab_setup()
 
 # %% tags=["parameters"]
-FAST = None  # None: from RETRIEVAL_FAST (1 fast, 0 full; unset: fast unless a CUDA GPU is present)
-DATA_DIR = "data"  # full mode: your dataset folder, relative to the project root
+FAST = None  # True: fast (small models, about a minute); False: the full job; None: RETRIEVAL_FAST, else fast without a GPU
+# Your data: a folder; a folder or .zip on a mounted Google Drive (/content/drive/MyDrive/...); or a .zip path or
+# URL, unpacked once. Layout: training/<class>/*, test/query/*, test/gallery/*, optional test/ground_truth.json.
+DATA_SOURCE = "data"  # "data" in fast mode: a small split of the shared photos (else the embedded demo)
 MODEL = "efficientnet-lite0"  # `python -m helpers models` lists every name
 WEIGHTS = "pretrained"
 K = 10
@@ -54,16 +57,15 @@ SERVER_URL = ""
 
 # %%
 from helpers.metrics import format_metrics_table
-from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, notebook_data, output_root,
+from helpers.notebook import (check_run_outputs, notebook_mode, maybe_submit, notebook_data, output_root,
                               save_outputs, show_image)
 from helpers.notebook import scored_retrieval
 
-FAST = fast_mode(FAST)
-DEVICE = choose_device(DEVICE)
-DATA = notebook_data(FAST, DATA_DIR)
+FAST, DEVICE = notebook_mode(FAST, DEVICE)  # prints the mode, why, and the GPU
+DATA = notebook_data(FAST, DATA_SOURCE)
 OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
 TAG = f"{'fast_' if FAST else ''}00_quickstart_{MODEL}"
-print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, outputs: {OUT}")
+print(f"data: {DATA}, outputs: {OUT}")
 
 # %% [markdown]
 # ## Retrieve, score, save

@@ -34,7 +34,8 @@
 import os, subprocess, sys
 if "google.colab" in sys.modules:
     if not os.path.isdir("/content/project"):
-        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/YOUR_ORG/YOUR_REPO.git",
+        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main",
+                        "https://github.com/YOUR_ORG/YOUR_REPO.git",
                         "/content/project"], check=True)
     os.chdir("/content/project")
     sys.path.insert(0, "/content/project")
@@ -42,8 +43,10 @@ if "google.colab" in sys.modules:
     colab_setup()
 
 # %% tags=["parameters"]
-FAST = None  # None: from RETRIEVAL_FAST (1 fast, 0 full; unset: fast unless a CUDA GPU is present)
-DATA_DIR = "data"  # full mode: your dataset folder, relative to the project root
+FAST = None  # True: fast (small models, about a minute); False: the full job; None: RETRIEVAL_FAST, else fast without a GPU
+# Your data: a folder; a folder or .zip on a mounted Google Drive (/content/drive/MyDrive/...); or a .zip path or
+# URL, unpacked once. Layout: training/<class>/*, test/query/*, test/gallery/*, optional test/ground_truth.json.
+DATA_SOURCE = "data"  # "data" in fast mode: a small split of the shared photos (else the embedded demo)
 MODEL = "clip-vit-b32"  # clip-vit-b32 | clip-vit-b16 | clip-vit-l14 | clip-vit-l14-336 | clip-vit-h14
 PRETRAINED_TAG = "openai"  # open_clip weight tag (clip-vit-h14: laion2b_s32b_b79k)
 TEXT_QUERIES = None  # None: "a photo of a <class>." for every class; or a list of sentences
@@ -57,20 +60,19 @@ SERVER_URL = ""
 # %%
 from helpers.metrics import evaluate_rankings, format_metrics_table
 from helpers.models import load_model
-from helpers.notebook import (check_run_outputs, choose_device, class_text_queries, fast_mode, maybe_submit,
+from helpers.notebook import (check_run_outputs, class_text_queries, notebook_mode, maybe_submit,
                               notebook_data, output_root, save_outputs, show_image)
 from helpers.notebook import scored_retrieval, zero_shot_classes
 from helpers.text import run_zero_shot, save_zero_shot, text_search
 
-FAST = fast_mode(FAST)
-DEVICE = choose_device(DEVICE)
-DATA = notebook_data(FAST, DATA_DIR, source="cifar10-test")
+FAST, DEVICE = notebook_mode(FAST, DEVICE)  # prints the mode, why, and the GPU
+DATA = notebook_data(FAST, DATA_SOURCE, source="cifar10-test")
 OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
 WEIGHTS = "none" if FAST else "pretrained"
 TEMPLATES = "simple" if FAST else TEMPLATES
 TAG = f"{'fast_' if FAST else ''}01_{MODEL}_zero-shot"
 model = load_model(MODEL, weights=WEIGHTS, device=DEVICE, pretrained=PRETRAINED_TAG)
-print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, {model.name} ({WEIGHTS}), {model.embed_dim}-d")
+print(f"data: {DATA}, {model.name} ({WEIGHTS}), {model.embed_dim}-d")
 
 # %% [markdown]
 # ## 1. Image-to-image retrieval

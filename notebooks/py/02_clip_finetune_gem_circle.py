@@ -20,7 +20,7 @@
 #
 # The full recipe (`clip-gem-circle`): CLIP's visual transformer, GeM over its pre-projection patch tokens, a
 # BNNeck embedding head, Circle loss (Sun et al., CVPR 2020) with the MultiSimilarity miner, P-K batches, AdamW
-# with layer-wise learning-rate decay, warm-up then cosine. Training uses `DATA_DIR/training/<class>/*` and keeps a
+# with layer-wise learning-rate decay, warm-up then cosine. Training uses `DATA_SOURCE/training/<class>/*` and keeps a
 # validation split per class; `best.pt` is the epoch with the best validation mAP@10. The fine-tuned model is then
 # compared with zero-shot CLIP on the same queries.
 #
@@ -35,7 +35,8 @@
 import os, subprocess, sys
 if "google.colab" in sys.modules:
     if not os.path.isdir("/content/project"):
-        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/YOUR_ORG/YOUR_REPO.git",
+        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main",
+                        "https://github.com/YOUR_ORG/YOUR_REPO.git",
                         "/content/project"], check=True)
     os.chdir("/content/project")
     sys.path.insert(0, "/content/project")
@@ -43,8 +44,10 @@ if "google.colab" in sys.modules:
     colab_setup()
 
 # %% tags=["parameters"]
-FAST = None  # None: from RETRIEVAL_FAST (1 fast, 0 full; unset: fast unless a CUDA GPU is present)
-DATA_DIR = "data"  # full mode: your dataset folder (training/<class>/*, test/query, test/gallery)
+FAST = None  # True: fast (small models, about a minute); False: the full job; None: RETRIEVAL_FAST, else fast without a GPU
+# Your data: a folder; a folder or .zip on a mounted Google Drive (/content/drive/MyDrive/...); or a .zip path or
+# URL, unpacked once. Layout: training/<class>/*, test/query/*, test/gallery/*, optional test/ground_truth.json.
+DATA_SOURCE = "data"  # "data" in fast mode: a small split of the shared photos (else the embedded demo)
 RECIPE = "clip-gem-circle"  # `python -m helpers train --help` lists the recipes
 MODEL = "clip-vit-l14"  # full mode; clip-vit-b32 | clip-vit-b16 | clip-vit-l14 | clip-vit-l14-336 | clip-vit-h14
 EPOCHS = 20  # full mode (early stopping after `patience` = 5 epochs without improvement)
@@ -62,20 +65,19 @@ SERVER_URL = ""
 # %%
 import pandas as pd
 
-from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame, notebook_data,
+from helpers.notebook import (check_run_outputs, notebook_mode, maybe_submit, metrics_frame, notebook_data,
                               output_paths, output_root, plot_side_by_side, save_outputs, show_image, weights_for)
 from helpers.notebook import scored_retrieval
 from helpers.training import make_config, train
 from helpers.viz import save_figure
 
-FAST = fast_mode(FAST)
-DEVICE = choose_device(DEVICE)
-DATA = notebook_data(FAST, DATA_DIR)
+FAST, DEVICE = notebook_mode(FAST, DEVICE)  # prints the mode, why, and the GPU
+DATA = notebook_data(FAST, DATA_SOURCE)
 OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
 MODEL, EPOCHS, TRAINABLE = (FAST_MODEL, FAST_EPOCHS, FAST_TRAINABLE) if FAST else (MODEL, EPOCHS, TRAINABLE)
 WEIGHTS = weights_for(MODEL, FAST)
 PREFIX = f"{'fast_' if FAST else ''}02_{MODEL}"
-print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, {MODEL} ({WEIGHTS}), {EPOCHS} epoch(s), {TRAINABLE}")
+print(f"data: {DATA}, {MODEL} ({WEIGHTS}), {EPOCHS} epoch(s), {TRAINABLE}")
 
 # %% [markdown]
 # ## Before: zero-shot CLIP

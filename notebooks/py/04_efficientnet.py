@@ -34,7 +34,8 @@
 import os, subprocess, sys
 if "google.colab" in sys.modules:
     if not os.path.isdir("/content/project"):
-        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/YOUR_ORG/YOUR_REPO.git",
+        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main",
+                        "https://github.com/YOUR_ORG/YOUR_REPO.git",
                         "/content/project"], check=True)
     os.chdir("/content/project")
     sys.path.insert(0, "/content/project")
@@ -42,8 +43,10 @@ if "google.colab" in sys.modules:
     colab_setup()
 
 # %% tags=["parameters"]
-FAST = None  # None: from RETRIEVAL_FAST (1 fast, 0 full; unset: fast unless a CUDA GPU is present)
-DATA_DIR = "data"  # full mode: your dataset folder, relative to the project root
+FAST = None  # True: fast (small models, about a minute); False: the full job; None: RETRIEVAL_FAST, else fast without a GPU
+# Your data: a folder; a folder or .zip on a mounted Google Drive (/content/drive/MyDrive/...); or a .zip path or
+# URL, unpacked once. Layout: training/<class>/*, test/query/*, test/gallery/*, optional test/ground_truth.json.
+DATA_SOURCE = "data"  # "data" in fast mode: a small split of the shared photos (else the embedded demo)
 # (model, pooling) pairs: gap = global average pooling, gem = generalized mean (p = 3)
 RUNS = [("efficientnet-b0", "gap"), ("efficientnet-b0", "gem"), ("efficientnet-b3", "gap"), ("efficientnet-b3", "gem")]
 # fast mode: Lite0 keeps its offline ImageNet weights (a real comparison); B0 and B3 run once each, randomly initialised
@@ -56,17 +59,16 @@ GROUP_NAME = ""  # set both GROUP_NAME and SERVER_URL to submit the best run at 
 SERVER_URL = ""
 
 # %%
-from helpers.notebook import (check_run_outputs, choose_device, fast_mode, maybe_submit, metrics_frame, notebook_data,
+from helpers.notebook import (check_run_outputs, notebook_mode, maybe_submit, metrics_frame, notebook_data,
                               output_root, runs_frame, save_outputs, show_image, weights_for)
 from helpers.notebook import scored_retrieval
 from helpers.report import plot_metric_bars
 
-FAST = fast_mode(FAST)
-DEVICE = choose_device(DEVICE)
-DATA = notebook_data(FAST, DATA_DIR)
+FAST, DEVICE = notebook_mode(FAST, DEVICE)  # prints the mode, why, and the GPU
+DATA = notebook_data(FAST, DATA_SOURCE)
 OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
 PREFIX = "fast_04" if FAST else "04"
-print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, outputs: {OUT}")
+print(f"data: {DATA}, outputs: {OUT}")
 
 # %% [markdown]
 # ## Every (model, pooling) pair

@@ -35,7 +35,8 @@
 import os, subprocess, sys
 if "google.colab" in sys.modules:
     if not os.path.isdir("/content/project"):
-        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/YOUR_ORG/YOUR_REPO.git",
+        subprocess.run(["git", "clone", "--depth", "1", "--branch", "main",
+                        "https://github.com/YOUR_ORG/YOUR_REPO.git",
                         "/content/project"], check=True)
     os.chdir("/content/project")
     sys.path.insert(0, "/content/project")
@@ -43,8 +44,10 @@ if "google.colab" in sys.modules:
     colab_setup()
 
 # %% tags=["parameters"]
-FAST = None  # None: from RETRIEVAL_FAST (1 fast, 0 full; unset: fast unless a CUDA GPU is present)
-DATA_DIR = "data"  # full mode: the dataset whose runs are shown side by side
+FAST = None  # True: fast (small models, about a minute); False: the full job; None: RETRIEVAL_FAST, else fast without a GPU
+# Your data: a folder; a folder or .zip on a mounted Google Drive (/content/drive/MyDrive/...); or a .zip path or
+# URL, unpacked once. Layout: training/<class>/*, test/query/*, test/gallery/*, optional test/ground_truth.json.
+DATA_SOURCE = "data"  # "data" in fast mode: a small split of the shared photos (else the embedded demo)
 RESULTS_DIR = "results"  # metrics JSONs, relative to the output root (OUT below)
 BASELINES = []  # full mode: (model, pooling) pairs to run here first, e.g. [("efficientnet-b3", "gem")]
 FAST_BASELINES = [("efficientnet-lite0", "gap"), ("efficientnet-lite0", "gem"), ("resnet18", "gem")]
@@ -58,20 +61,19 @@ DEVICE = "auto"
 # %%
 from helpers.data import load_retrieval_set
 from helpers.html_report import write_html_report
-from helpers.notebook import (best_runs_on, check_run_outputs, choose_device, fast_mode, notebook_data, output_paths,
+from helpers.notebook import (best_runs_on, check_run_outputs, notebook_mode, notebook_data, output_paths,
                               output_root, plot_side_by_side, save_outputs, show_image, weights_for)
 from helpers.notebook import scored_retrieval
 from helpers.report import comparison_table, grouped_views, load_results, plot_metric_bars, write_report
 from helpers.submission import validate_submission
 from helpers.viz import save_figure
 
-FAST = fast_mode(FAST)
-DEVICE = choose_device(DEVICE)
-DATA = notebook_data(FAST, DATA_DIR)
+FAST, DEVICE = notebook_mode(FAST, DEVICE)  # prints the mode, why, and the GPU
+DATA = notebook_data(FAST, DATA_SOURCE)
 OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
 RESULTS = OUT / RESULTS_DIR
 PREFIX = "fast_07" if FAST else "07"
-print(f"fast mode: {FAST}, device: {DEVICE}, data: {DATA}, outputs: {OUT}, results: {RESULTS}")
+print(f"data: {DATA}, outputs: {OUT}, results: {RESULTS}")
 
 # %% [markdown]
 # ## Baselines on this dataset (fast mode, or `BASELINES` in full mode)
