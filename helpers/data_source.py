@@ -288,7 +288,7 @@ def unpack_once(
         shutil.rmtree(partial, ignore_errors=True)
         if not target.is_dir():
             raise
-    logger.info("unpacked %s into %s", zip_path, target)
+    print(f"{zip_path.name}: unpacked into {target}")
     return target
 
 
@@ -396,9 +396,9 @@ class LayoutReport:
         """A short report: the counts, each problem and note, and the expected layout when something is missing."""
         truth = "test/ground_truth.json (runs are scored on the test)" if self.has_ground_truth else "none"
         lines = [f"data: {self.root}",
-                 f"  training/      {self.training_classes} classes, {self.training_images} images",
-                 f"  test/query/    {self.queries} images",
-                 f"  test/gallery/  {self.gallery_images} images",
+                 f"  training/      {_count(self.training_classes, 'class')}, {_count(self.training_images, 'image')}",
+                 f"  test/query/    {_count(self.queries, 'image')}",
+                 f"  test/gallery/  {_count(self.gallery_images, 'image')}",
                  f"  ground truth   {truth}"]
         lines += [f"  missing: {problem}" for problem in self.problems]
         lines += [f"  note: {note}" for note in self.notes]
@@ -435,6 +435,10 @@ def check_layout(root: str | os.PathLike) -> LayoutReport:
     if report.problems:
         report.notes.append(f"{report.root} holds: {_names(_entries(report.root), 12) or 'nothing'}")
     return report
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
 
 
 def _names(items: list[str], limit: int = 5) -> str:
