@@ -433,7 +433,12 @@ def check_layout(root: str | os.PathLike) -> LayoutReport:
         report.problems.append("no test/ folder: the query and gallery images go directly in test/query/ and "
                                "test/gallery/")
     if report.problems:
+        from .data import _layout_hint
+
         report.notes.append(f"{report.root} holds: {_names(_entries(report.root), 12) or 'nothing'}")
+        hint = _layout_hint(report.root).lstrip(". ")
+        if hint and not (report.root / "test").is_dir():
+            report.notes.append(hint)
     return report
 
 

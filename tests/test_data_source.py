@@ -327,6 +327,13 @@ def test_each_missing_piece_is_named(comp, damage, expected):
     assert "\n" not in report.error() and expected in report.error()
 
 
+def test_class_folders_instead_of_the_layout_get_the_split_command(tmp_path):
+    for name in ("cat", "dog"):
+        _png(tmp_path / "photos" / name / "1.png")
+    report = ds.check_layout(tmp_path / "photos")
+    assert not report.ok and any("python -m helpers split --source" in note for note in report.notes)
+
+
 def test_classes_with_one_image_are_a_note_and_ground_truth_lifts_the_two_class_need(tmp_path):
     root = make_competition(tmp_path / "one", classes=("cat",), ground_truth=True)
     _png(root / "training" / "solo" / "only.png")
