@@ -14,6 +14,9 @@ variable                   read by                            meaning (default)
 ``RETRIEVAL_CACHE_DIR``    embedding cache, ONNX exports      embedding cache folder
                                                               (``$XDG_CACHE_HOME`` or ``~/.cache``, then
                                                               ``image-retrieval/embeddings``)
+``RETRIEVAL_DATA_CACHE``   ``helpers.data_source``            where zip data sources are downloaded and unpacked
+                                                              (``$XDG_CACHE_HOME`` or ``~/.cache``, then
+                                                              ``image-retrieval/datasets``)
 ``RETRIEVAL_ONNX_DIR``     ONNX backend                       exported ONNX models (``onnx/`` in the cache folder)
 ``RETRIEVAL_ORT_SPIN``     ONNX backend                       ``1`` lets idle ONNX Runtime threads spin (``0``)
 ``RETRIEVAL_THREADS``      extraction                         inference threads (default: from the cores, with the
@@ -54,9 +57,10 @@ SHARED_ENV = "RETRIEVAL_SHARED_DATASETS"
 CLIP_CHECKPOINT_ENV = "RETRIEVAL_CLIP_CHECKPOINT"
 THREADS_ENV = "RETRIEVAL_THREADS"
 DECODE_WORKERS_ENV = "RETRIEVAL_DECODE_WORKERS"
+DATA_CACHE_ENV = "RETRIEVAL_DATA_CACHE"
 #: Every variable above: the README's table lists the same set (a test checks it).
 ENVIRONMENT = (CACHE_ENV, ONNX_ENV, ORT_SPIN_ENV, THREADS_ENV, DECODE_WORKERS_ENV, MAX_PIXELS_ENV, SERVER_URL_ENV,
-               FAST_ENV, OUTPUT_ENV, SHARED_ENV, CLIP_CHECKPOINT_ENV)
+               FAST_ENV, OUTPUT_ENV, SHARED_ENV, CLIP_CHECKPOINT_ENV, DATA_CACHE_ENV)
 
 #: The output folders, by kind: submissions and their scores, metrics JSONs, figures and pages, training runs.
 OUTPUT_KINDS = ("submissions", "results", "visualizations", "runs")
@@ -105,6 +109,14 @@ def cache_dir() -> Path:
     explicit = os.environ.get(CACHE_ENV)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return Path(explicit) if explicit else base / "image-retrieval" / "embeddings"
+
+
+def data_cache_dir() -> Path:
+    """Where zip data sources are downloaded and unpacked (:mod:`helpers.data_source`): ``$RETRIEVAL_DATA_CACHE``,
+    else ``image-retrieval/datasets`` under ``$XDG_CACHE_HOME`` (default ``~/.cache``)."""
+    explicit = os.environ.get(DATA_CACHE_ENV)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(explicit).expanduser() if explicit else base / "image-retrieval" / "datasets"
 
 
 def shared_datasets_dir(project: str | os.PathLike | None = None) -> Path:

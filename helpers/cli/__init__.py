@@ -14,6 +14,7 @@ from typing import Sequence
 VERB_MODULES = [
     "helpers.cli.app",
     "helpers.cli.core",
+    "helpers.cli.data_source",
     "helpers.cli.index",
     "helpers.cli.report",
     "helpers.cli.select",
