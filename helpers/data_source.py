@@ -387,6 +387,7 @@ class LayoutReport:
     queries: int = 0
     gallery_images: int = 0
     has_ground_truth: bool = False
+    need_training: bool = False
 
     @property
     def ok(self) -> bool:
@@ -415,12 +416,12 @@ class LayoutReport:
         return f"{self.root} is not ready: {'; '.join(self.problems)} ({_LAYOUT_ONE_LINE})"
 
 
-def check_layout(root: str | os.PathLike) -> LayoutReport:
+def check_layout(root: str | os.PathLike, need_training: bool = False) -> LayoutReport:
     """Check a competition folder and say, in words, what is missing: ``training/`` or its class folders, classes
     with one image, ``test/query/`` and ``test/gallery/`` or their images, the ground truth (a note: without it,
     scores come from a class-disjoint validation split of ``training/``, which needs 2 classes of 2 or more
-    images)."""
-    report = LayoutReport(Path(root))
+    images). Without ``need_training`` (retrieval only), a folder whose test has ground truth needs no ``training/``."""
+    report = LayoutReport(Path(root), need_training=need_training)
     if not report.root.is_dir():
         report.problems.append(f"the folder {report.root} does not exist")
         return report
@@ -454,8 +455,12 @@ def _check_training(folder: Path, report: LayoutReport) -> None:
     from .data import scan_folder
 
     if not folder.is_dir():
-        report.problems.append("no training/ folder: the labelled images go in training/<class>/<image>, one "
-                               "folder per class (identity)")
+        message = "no training/ folder: the labelled images go in training/<class>/<image>, one folder per class " \
+                  "(identity)"
+        if report.has_ground_truth and not report.need_training:
+            report.notes.append(message + " (not needed here: test/ has ground truth; training and select need it)")
+        else:
+            report.problems.append(message)
         return
     listing = scan_folder(folder)
     if not listing.folders:
@@ -530,11 +535,12 @@ def prepare_data(
     cache_dir: str | os.PathLike | None = None,
     *,
     max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
+    need_training: bool = False,
 ) -> Path:
     """Resolve ``source`` (:func:`resolve_data_source`), check its layout (:func:`check_layout`), print the summary
     and return the competition folder; a :class:`helpers.data.DataError` with every problem when it is not ready."""
     root = resolve_data_source(source, cache_dir, max_unpacked_bytes=max_unpacked_bytes)
-    report = check_layout(root)
+    report = check_layout(root, need_training=need_training)
     print(report.summary())
     if not report.ok:
         raise _data_error(report.error())

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .settings import project_root, shared_datasets_dir
+from .settings import shared_datasets_dir
 
 #: Fast mode's default real dataset and the size of its split (per class): small enough for a CPU in seconds.
 FAST_SOURCE = "imagenette-val"
@@ -50,28 +50,27 @@ def fast_dataset(
     return out
 
 
-def notebook_data(fast: bool, data_dir: str | os.PathLike = "data", source: str = FAST_SOURCE, **split: int) -> Path:
-    """Fast mode: :func:`fast_dataset`, unless ``data_dir`` is set to another folder than ``data``; full mode (or that
-    folder): ``data_dir`` (relative to the project root), checked.
+def notebook_data(fast: bool, data_source: str | os.PathLike = "data", source: str = FAST_SOURCE,
+                  need_training: bool = False, **split: int) -> Path:
+    """The folder a notebook runs on, from its ``DATA_SOURCE`` parameter.
+
+    Fast mode with the default ``"data"``: :func:`fast_dataset` (a small split of ``source``). Otherwise (full mode,
+    or another source): :func:`helpers.data_source.prepare_data`: a folder (relative paths from the current folder,
+    else the project root), a folder or ``.zip`` on a mounted Google Drive, or a ``.zip`` path or URL (unpacked
+    once), whose layout is checked and printed; a :class:`helpers.data.DataError` says what is missing.
+    ``need_training``: the notebook trains or selects, so ``training/<class>/*`` is needed even with test labels.
 
     Fast mode also points the embedding cache (``$RETRIEVAL_CACHE_DIR``) at a fresh temporary folder: the cells of
     one notebook share embeddings, and randomly initialised weights never meet embeddings cached from another
     initialisation (nor fill the user's cache).
     """
+    from .data_source import prepare_data
+
     if fast:
         os.environ["RETRIEVAL_CACHE_DIR"] = tempfile.mkdtemp(prefix="retrieval-notebook-cache-")
-        if os.fspath(data_dir) == DEFAULT_DATA_DIR:
+        if os.fspath(data_source) == DEFAULT_DATA_DIR:
             return fast_dataset(source, **split)
-    from .data import load_retrieval_set
-
-    path = Path(data_dir)
-    if not path.is_absolute():
-        path = project_root() / path
-    dataset = load_retrieval_set(path)  # raises a DataError naming what is missing
-    truth = "with ground truth" if dataset.ground_truth is not None else "no ground truth: scored on a validation split"
-    print(f"{'fast' if fast else 'full'} mode: {len(dataset.query_paths)} queries, {len(dataset.gallery_paths)} "
-          f"gallery images in {path} ({truth})")
-    return path
+    return prepare_data(data_source, need_training=need_training)
 
 
 def scoring_data(data: str | os.PathLike, fraction: float = HOLDOUT_CLASSES, seed: int = 0) -> Path:

@@ -106,10 +106,24 @@ def test_fast_dataset_falls_back_to_the_demo(tmp_path, monkeypatch):
     assert all(p.suffix == ".png" for p in dataset.query_paths)
 
 
-def test_notebook_data_full_mode_checks_the_folder(tmp_path, demo_data):
+def test_notebook_data_full_mode_checks_the_folder(tmp_path, demo_data, capsys):
     assert notebook_data(False, demo_data) == demo_data
-    with pytest.raises(DataError, match="data folder not found"):
+    assert "ready" in capsys.readouterr().out
+    with pytest.raises(DataError, match="data source not found"):
         notebook_data(False, tmp_path / "missing")
+
+
+def test_notebook_data_unpacks_a_zip_once_and_needs_training_only_where_it_trains(tmp_path, demo_data, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("RETRIEVAL_DATA_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(demo_data / "test", tmp_path / "comp" / "test")
+    archive = shutil.make_archive(str(tmp_path / "comp"), "zip", tmp_path, "comp")
+    first = notebook_data(False, archive)
+    assert (first / "test" / "query").is_dir() and tmp_path / "cache" in first.parents
+    assert notebook_data(True, archive) == first  # unpacked once; fast mode with a source of its own uses it
+    with pytest.raises(DataError, match="no training/ folder"):
+        notebook_data(False, archive, need_training=True)
 
 
 def test_scoring_data_is_a_class_disjoint_split_of_training_without_ground_truth(tmp_path, demo_data):

@@ -72,7 +72,7 @@ from helpers.training import make_config, train
 from helpers.viz import save_figure
 
 FAST, DEVICE = notebook_mode(FAST, DEVICE)  # prints the mode, why, and the GPU
-DATA = notebook_data(FAST, DATA_SOURCE)
+DATA = notebook_data(FAST, DATA_SOURCE, need_training=True)
 OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
 MODEL, EPOCHS, TRAINABLE = (FAST_MODEL, FAST_EPOCHS, FAST_TRAINABLE) if FAST else (MODEL, EPOCHS, TRAINABLE)
 WEIGHTS = weights_for(MODEL, FAST)

@@ -71,7 +71,7 @@ from helpers.notebook import (check_run_outputs, competition_plan, maybe_submit,
 from helpers.select import select
 
 FAST, DEVICE = notebook_mode(FAST, DEVICE)  # prints the mode, why, and the GPU
-DATA = notebook_data(FAST, DATA_SOURCE)
+DATA = notebook_data(FAST, DATA_SOURCE, need_training=True)
 OUT = output_root(FAST)  # outputs: $RETRIEVAL_OUTPUT_DIR, else fast mode's own folder, else the project
 TAG = f"{'fast_' if FAST else ''}08_competition"
 PLAN = competition_plan(FAST, DEVICE, MODELS, BUDGET_MINUTES, FINETUNE, RECIPE)
