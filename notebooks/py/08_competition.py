@@ -99,7 +99,7 @@ print(f"winner: {outcome.winner.candidate.name} ({len(outcome.results)} candidat
 
 # %%
 leaderboard = pd.read_csv(outcome.leaderboard["csv"])
-leaderboard.drop(columns=["metrics_json"]).head(15)
+leaderboard.drop(columns=["metrics_json"]).dropna(axis=1, how="all").head(15)
 
 # %%
 show_image(outcome.leaderboard["png"])
