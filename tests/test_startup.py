@@ -56,8 +56,14 @@ def test_a_verified_export_is_served_without_building_the_network(tiny_split, on
     assert deferred.deferred  # served by the export: never built
     np.testing.assert_array_equal(again.embeddings, first.embeddings)
     assert deferred.cache_key() == built.cache_key() and deferred.embed_dim == built.embed_dim
-    # whatever needs the network builds it, with the same weights the export was verified against
+    # whatever needs the network builds it (here a forward pass in inference mode, as a naive script would), with
+    # the same weights the export was verified against, as ordinary tensors
+    x = torch.zeros(1, 3, 224, 224)
+    with torch.inference_mode():
+        out = deferred(x)
+    assert torch.allclose(out, built(x), atol=1e-5) and deferred.pristine()
     state = deferred.state_dict()
+    assert not any(t.is_inference() for t in state.values())
     assert not deferred.deferred and not deferred.training
     assert torch.equal(state["network.model.conv_head.weight"], built.state_dict()["network.model.conv_head.weight"])
     fingerprint = model_fingerprint(built)

@@ -7,6 +7,7 @@ which carries the family's own preprocessing (input size, resize, mean and std).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -241,7 +242,8 @@ class EmbeddingModel(nn.Module):
         build = self.__dict__.get("_build")
         if build is None:
             return self._modules["network"]
-        network = build()
+        with torch.inference_mode(False):  # first used inside inference mode: the weights stay ordinary tensors
+            network = build()
         self._build = None
         self.network = network
         network.train(self.training)
@@ -258,7 +260,7 @@ class EmbeddingModel(nn.Module):
         """Which tensors the module holds and their in-place version counters: changes when weights are trained,
         loaded, replaced or moved."""
         tensors = list(self._modules["network"].named_parameters()) + list(self._modules["network"].named_buffers())
-        return tuple((name, t.data_ptr(), t._version) for name, t in tensors)
+        return tuple((name, t.data_ptr(), None if t.is_inference() else t._version) for name, t in tensors)
 
     def remember_identity(self, identity: str | None) -> None:
         """Mark the weights as now loaded for ``identity`` (see :meth:`pristine`)."""
@@ -410,6 +412,10 @@ def load_model(
     ``weights``: ``"pretrained"`` (the family's published weights; offline families ship them, others download
     through their library), ``"none"`` (random initialisation, for tests) or a path to a local weight file or
     folder (loaded with ``weights_only=True``). ``options`` are family-specific (``pool``, ``pretrained`` tag...).
+
+    On the CPU, when a verified ONNX export is remembered for this model's identity (name, options, preprocessing,
+    weights as the embedding cache key names them, library versions; :mod:`helpers.export_identity`), the network
+    is deferred: ONNX Runtime serves the export and the network is built only if something needs it.
     """
     spec = get_spec(name)
     options = {k: v for k, v in options.items() if v is not None}
@@ -428,8 +434,9 @@ def load_model(
     if target.type == "cpu" and importlib.util.find_spec("onnxruntime") is not None:
         fingerprint = verified_export_fingerprint(identity, spec.name, spec.preprocessing.input_size)
         if fingerprint is not None:  # ONNX Runtime will serve the export: build the network only if asked to
-            return EmbeddingModel(spec, None, weights, options, build=lambda: _plain_network(spec, weights, options),
-                                  identity=identity, fingerprint=fingerprint).eval()
+            build = functools.partial(_plain_network, spec, weights, options)
+            return EmbeddingModel(spec, None, weights, options, build=build, identity=identity,
+                                  fingerprint=fingerprint).eval()
     network = _build_network(spec, weights, options)
     refined = _refinements(spec, network)
     if refined:
