@@ -44,6 +44,7 @@ def _embed(model, paths):
 
 @pytest.mark.slow
 def test_a_verified_export_is_served_without_building_the_network(tiny_split, onnx_folder):
+    from helpers.fileio import read_json, write_json
     from helpers.onnx_backend import model_fingerprint
 
     paths = list_images(tiny_split / "test" / "gallery")[:6]
@@ -56,6 +57,12 @@ def test_a_verified_export_is_served_without_building_the_network(tiny_split, on
     assert deferred.deferred  # served by the export: never built
     np.testing.assert_array_equal(again.embeddings, first.embeddings)
     assert deferred.cache_key() == built.cache_key() and deferred.embed_dim == built.embed_dim
+    # only a verified export is trusted: with its check undone, the network is built again
+    (sidecar,) = [p for p in onnx_folder.glob("*.json") if p.name.endswith("224x224.json")]
+    record = read_json(sidecar)
+    write_json(sidecar, {**record, "verified": False})
+    assert not load_model("efficientnet-lite0", device="cpu").deferred
+    write_json(sidecar, record)
     # whatever needs the network builds it (here a forward pass in inference mode, as a naive script would), with
     # the same weights the export was verified against, as ordinary tensors
     x = torch.zeros(1, 3, 224, 224)
