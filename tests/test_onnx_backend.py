@@ -95,3 +95,23 @@ def test_onnx_backend_does_not_import_the_embedding_module():
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
     assert out.strip() == "False"
+
+
+def test_slices_of_a_batch_give_the_whole_batch_result(lite0, tiny_split, onnx_folder, monkeypatch):
+    import helpers.onnx_backend as onnx_backend
+    from helpers.embedding import ImageFileDataset
+
+    dataset = ImageFileDataset(list_images(tiny_split / "test" / "gallery")[:10], lite0.transform())
+    images = torch.stack([dataset[i][1] for i in range(len(dataset))])  # 10: not a multiple of the slice
+    runner = OnnxRunner(lite0, threads=1, strict=True)
+    calls = []
+    session = runner._open((224, 224))
+    original = session.run
+    monkeypatch.setattr(session, "run", lambda *a, **k: calls.append(len(a[1]["images"])) or original(*a, **k),
+                        raising=False)
+    runner._sessions[(224, 224)] = session
+    sliced = runner(images)
+    assert calls == [4, 4, 2]
+    monkeypatch.setattr(onnx_backend, "SESSION_BATCH", 64)
+    whole = runner(images)
+    assert calls[-1] == 10 and torch.equal(sliced, whole)
