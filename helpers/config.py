@@ -83,8 +83,8 @@ class RetrievalConfig:
                             choices=FACE_CHOICES)
     model_options: dict = _opt({}, "further family options passed to the model loader", cli=False)
     precision: str = _opt("auto", "inference precision on the CPU: int8 (ONNX Runtime static quantisation, "
-                          "calibrated on the gallery), fp32, or auto = int8 only where it agrees with fp32 (mean "
-                          "cosine >= 0.99 on held-out images) and 200+ images are embedded", choices=PRECISION_CHOICES)
+                          "calibrated on the gallery), fp32, or auto = int8 only where it keeps fp32's neighbours "
+                          "(top-10 overlap on held-out images) and 200+ images are embedded", choices=PRECISION_CHOICES)
     k: int = _opt(10, "names ranked per query", type=int)
     batch_size: int = _opt(32, "images per forward pass", type=int, metavar="B")
     device: str = _opt("auto", "auto|cpu|cuda|cuda:N|mps")

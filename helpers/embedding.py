@@ -164,7 +164,9 @@ def resolve_draft_size(model: EmbeddingModel, draft_size: int | str | None = "au
     or none for models with their own PIL-level step (face cropping wants every pixel); otherwise as given."""
     if draft_size != "auto":
         return None if draft_size is None else int(draft_size)
-    if callable(getattr(getattr(model, "network", None), "wrap_transform", None)):
+    pil_step = model.pil_step() if hasattr(model, "pil_step") else getattr(getattr(model, "network", None),
+                                                                          "wrap_transform", None)
+    if callable(pil_step):
         return None
     return draft_size_for(model.preprocessing)
 
@@ -189,6 +191,14 @@ def _calibration_sampler(model: EmbeddingModel, paths: Sequence[Path], draft: in
         return np.concatenate(batches).astype(np.float32)
 
     return sample
+
+
+def _model_device(model: EmbeddingModel) -> torch.device:
+    """Where the model's weights are; a deferred network (see :class:`helpers.models.EmbeddingModel`) is built on
+    the CPU, and asking its parameters would build it."""
+    if getattr(model, "deferred", False):
+        return torch.device("cpu")
+    return next(model.parameters(), torch.empty(0)).device
 
 
 def _choose_precision(model: EmbeddingModel, paths: Sequence[Path], target: torch.device, backend: str,
@@ -321,7 +331,7 @@ def extract_embeddings(
     start = time.perf_counter()
     paths = [Path(p) for p in paths]
     target = resolve_device(device)
-    if next(model.parameters(), torch.empty(0)).device != target:
+    if _model_device(model) != target:
         model.to(target)
     model.eval()
     draft = resolve_draft_size(model, draft_size)

@@ -4,9 +4,15 @@ The float32 ONNX export of :mod:`helpers.onnx_backend` is quantised once per (mo
 format, int8 weights per output channel, uint8 activations with ranges from min/max calibration on up to
 :data:`CALIBRATION_IMAGES` images of the first set embedded (the gallery, in a retrieval run). The result sits beside
 the export (``<export>.int8.onnx``) with a sidecar (``<export>.int8.json``) recording how well int8 agrees with
-float32 (mean and minimum cosine of the embeddings of held-out calibration images), so later runs and every worker
-reuse both. ``precision="auto"`` uses int8 only where that mean cosine reaches :data:`AGREEMENT_THRESHOLD`, and logs
-which precision it chose and why.
+float32 on :data:`AGREEMENT_IMAGES` held-out calibration images: the mean and minimum cosine of their embeddings, and
+how much of each image's 10 nearest neighbours among the others int8 keeps (:func:`neighbour_agreement`). Later runs
+and every worker reuse both; a sidecar of another :data:`CRITERION` is measured again.
+
+``precision="auto"`` uses int8 only where the neighbour overlap reaches :data:`NEIGHBOUR_THRESHOLD` (what retrieval
+needs: the same images ranked near each other), and logs which precision it chose and why. The mean cosine stays
+recorded but is not the criterion: for EfficientNet-Lite0 with the uint8 activations that make int8 faster it stays
+at 0.92-0.95 whatever the calibration method, while the rankings barely move on Imagenette (README, "Extraction
+options"); symmetric int8 activations reach 0.99 but ran slower than float32 on the measured CPU.
 """
 
 from __future__ import annotations
@@ -25,13 +31,20 @@ from .fileio import read_json, write_json
 logger = logging.getLogger(__name__)
 
 PRECISION_CHOICES = ("fp32", "int8", "auto")
-#: Mean cosine between int8 and float32 embeddings of held-out calibration images needed for ``auto`` to pick int8.
-#: 0.99 keeps the rankings' top 10 essentially unchanged (hit@1 and map@10 move by well under 0.01 on Imagenette).
-AGREEMENT_THRESHOLD = 0.99
+#: What the sidecar's agreement figures mean; a sidecar without this value is calibrated and measured again.
+CRITERION = "top10-neighbour-overlap/v2"
+#: Neighbours compared per held-out image (the top 10 that map@10 and the submissions score).
+NEIGHBOURS = 10
+#: Mean share of each held-out image's float32 top-10 neighbours that int8 keeps, needed for ``auto`` to pick int8.
+#: Set from measurements of EfficientNet-Lite0 on 2,000-image splits, each calibrated on its own gallery (README,
+#: "Extraction options"): Imagenette kept 0.79 and int8 stayed within 0.01 of float32 (hit@1 -0.010, map@10
+#: +0.002); CIFAR-10 kept 0.62 and int8 moved hit@1 by +0.025, so it must be refused there. Two datasets only: the
+#: margin is thin, and a dataset near the threshold is judged on 128 images.
+NEIGHBOUR_THRESHOLD = 0.75
 #: Images used for calibration and agreement ("a few hundred", as ONNX Runtime's quantisation guide suggests).
-CALIBRATION_IMAGES = 320
+CALIBRATION_IMAGES = 384
 #: Of those, images held out of calibration to measure the agreement (when at least twice as many are available).
-AGREEMENT_IMAGES = 64
+AGREEMENT_IMAGES = 128
 #: Fewer images than this and ``auto`` does not calibrate (keeps float32; "a few hundred" are needed for ranges that
 #: hold); ``int8`` calibrates on what there is.
 MIN_AUTO_CALIBRATION = 200
@@ -55,7 +68,9 @@ def read_int8_report(fp32_path: Path) -> dict | None:
         data = read_json(report)
     except Exception:  # noqa: BLE001 - a broken sidecar means: calibrate again
         return None
-    return data if isinstance(data, dict) and "mean_cosine" in data else None
+    if not isinstance(data, dict) or data.get("criterion") != CRITERION:
+        return None  # an older sidecar: its agreement was judged otherwise
+    return data
 
 
 def _session(path: Path, threads: int):
@@ -74,6 +89,24 @@ def _run(session, images: np.ndarray, batch: int = 32) -> np.ndarray:
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a.astype(np.float64), b.astype(np.float64)
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
+def neighbour_agreement(reference: np.ndarray, quantised: np.ndarray, k: int = NEIGHBOURS) -> tuple[float, float]:
+    """How much of the float32 neighbourhoods int8 keeps: for each row, its ``k`` nearest other rows by cosine under
+    both; returns (mean share of the float32 top ``k`` found in the int8 top ``k``, share of rows whose nearest
+    neighbour is the same). ``k`` shrinks to ``n - 1`` for small samples."""
+    n = len(reference)
+    k = min(k, n - 1)
+    if k < 1:
+        return 1.0, 1.0
+    tops = []
+    for emb in (reference, quantised):
+        unit = emb.astype(np.float64) / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-30)
+        scores = unit @ unit.T
+        np.fill_diagonal(scores, -np.inf)
+        tops.append(np.argsort(-scores, axis=1, kind="stable")[:, :k])
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(*tops)])
+    return float(overlap), float(np.mean(tops[0][:, 0] == tops[1][:, 0]))
 
 
 def quantize_export(fp32_path: Path, out_path: Path, calibration: np.ndarray, batch: int = 16) -> None:
@@ -126,19 +159,23 @@ def calibrate(fp32_path: Path, sample: np.ndarray, threads: int = 1) -> dict:
     reference = _run(_session(fp32_path, threads), check)
     quantised = _run(_session(int8_path(fp32_path), threads), check)
     cosine = _cosine(reference, quantised)
+    overlap, top1 = neighbour_agreement(reference, quantised)
     report = {
+        "criterion": CRITERION,
         "calibration_images": len(calibration),
         "agreement_images": len(check),
         "agreement_held_out": bool(held_out),
+        "neighbour_overlap": overlap,
+        "top1_agreement": top1,
+        "threshold": NEIGHBOUR_THRESHOLD,
         "mean_cosine": float(cosine.mean()),
         "min_cosine": float(cosine.min()),
-        "threshold": AGREEMENT_THRESHOLD,
         "scheme": "QDQ, per-channel int8 weights, uint8 activations, min/max calibration",
     }
     write_json(int8_report_path(fp32_path), report)
-    logger.info("quantised %s to int8 on %d images: mean cosine %.4f with float32 on %d %s images",
-                fp32_path.name, len(calibration), report["mean_cosine"], len(check),
-                "held-out" if held_out else "calibration")
+    logger.info("quantised %s to int8 on %d images: on %d %s images int8 keeps %.3f of the float32 top-%d "
+                "neighbours (mean cosine %.4f)", fp32_path.name, len(calibration), len(check),
+                "held-out" if held_out else "calibration", overlap, NEIGHBOURS, report["mean_cosine"])
     return report
 
 
@@ -154,7 +191,7 @@ def choose_precision(
     ``fp32_path`` is the verified float32 export (``None`` when ONNX Runtime does not serve the model: then only
     float32 exists). ``sample_fn`` decodes and preprocesses the calibration images, called only when no
     calibration is on disk. ``int8`` calibrates whatever the agreement (and says how it agrees); ``auto`` needs the
-    mean cosine to reach :data:`AGREEMENT_THRESHOLD`.
+    top-10 neighbour overlap to reach :data:`NEIGHBOUR_THRESHOLD`.
     """
     if requested not in PRECISION_CHOICES:
         raise ValueError(f"precision must be one of {PRECISION_CHOICES}, not {requested!r}")
@@ -168,10 +205,11 @@ def choose_precision(
             return "fp32", f"no int8 calibration yet and only {n_images} images to calibrate on " \
                            f"(auto needs {MIN_AUTO_CALIBRATION})"
         report = calibrate(fp32_path, sample_fn(), threads)
-    agreement = f"int8 agrees with float32 at mean cosine {report['mean_cosine']:.4f} " \
-                f"on {report['agreement_images']} images"
+    overlap = float(report["neighbour_overlap"])
+    agreement = f"int8 keeps {overlap:.3f} of the float32 top-{NEIGHBOURS} neighbours of " \
+                f"{report['agreement_images']} held-out images (mean cosine {report['mean_cosine']:.4f})"
     if requested == "int8":
         return "int8", f"requested; {agreement}"
-    if report["mean_cosine"] >= AGREEMENT_THRESHOLD:
-        return "int8", f"{agreement} >= {AGREEMENT_THRESHOLD}"
-    return "fp32", f"{agreement} < {AGREEMENT_THRESHOLD}"
+    if overlap >= NEIGHBOUR_THRESHOLD:
+        return "int8", f"{agreement}; >= {NEIGHBOUR_THRESHOLD}"
+    return "fp32", f"{agreement}; < {NEIGHBOUR_THRESHOLD}"

@@ -87,28 +87,6 @@ def test_runner_rejects_nothing_of_the_model_interface(lite0, onnx_folder):
     assert np.isfinite(runner(torch.zeros(1, 3, 224, 224)).numpy()).all()
 
 
-def test_auto_precision_follows_the_recorded_agreement(tmp_path):
-    from helpers.fileio import write_json
-    from helpers.quantize import AGREEMENT_THRESHOLD, choose_precision, int8_path, int8_report_path
-
-    export = tmp_path / "model-abc-224x224.onnx"
-    export.write_bytes(b"float32 model")
-    int8_path(export).write_bytes(b"int8 model")
-
-    def no_calibration():
-        raise AssertionError("a recorded calibration must be reused, not redone")
-
-    for cosine, expected in ((AGREEMENT_THRESHOLD + 0.005, "int8"), (AGREEMENT_THRESHOLD - 0.08, "fp32")):
-        write_json(int8_report_path(export), {"mean_cosine": cosine, "agreement_images": 64})
-        chosen, reason = choose_precision("auto", export, no_calibration, n_images=5000)
-        assert chosen == expected and f"{cosine:.4f}" in reason
-        assert choose_precision("int8", export, no_calibration, n_images=5)[0] == "int8"
-        assert choose_precision("fp32", export, no_calibration, n_images=5000) == ("fp32", "requested")
-    assert choose_precision("auto", None, no_calibration, n_images=5000)[0] == "fp32"  # torch only: no int8
-    with pytest.raises(ValueError, match="precision"):
-        choose_precision("half", export, no_calibration, n_images=5)
-
-
 def test_onnx_backend_does_not_import_the_embedding_module():
     import subprocess
     import sys
@@ -117,3 +95,23 @@ def test_onnx_backend_does_not_import_the_embedding_module():
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
     assert out.strip() == "False"
+
+
+def test_slices_of_a_batch_give_the_whole_batch_result(lite0, tiny_split, onnx_folder, monkeypatch):
+    import helpers.onnx_backend as onnx_backend
+    from helpers.embedding import ImageFileDataset
+
+    dataset = ImageFileDataset(list_images(tiny_split / "test" / "gallery")[:10], lite0.transform())
+    images = torch.stack([dataset[i][1] for i in range(len(dataset))])  # 10: not a multiple of the slice
+    runner = OnnxRunner(lite0, threads=1, strict=True)
+    calls = []
+    session = runner._open((224, 224))
+    original = session.run
+    monkeypatch.setattr(session, "run", lambda *a, **k: calls.append(len(a[1]["images"])) or original(*a, **k),
+                        raising=False)
+    runner._sessions[(224, 224)] = session
+    sliced = runner(images)
+    assert calls == [4, 4, 2]
+    monkeypatch.setattr(onnx_backend, "SESSION_BATCH", 64)
+    whole = runner(images)
+    assert calls[-1] == 10 and torch.equal(sliced, whole)
