@@ -97,13 +97,14 @@ def _embed(config: RetrievalConfig, dataset: RetrievalSet, embedders: list[Embed
                   tta=config.tta, progress=config.progress, backend=config.backend,
                   precision=config.precision)
     first, extra = embedders[0], embedders[1:]
-    gallery = extract_embeddings(first, dataset.gallery_paths, desc="gallery", **common)
-    query = extract_embeddings(first, dataset.query_paths, desc="query", **common)
-    queries, galleries = [query], [gallery]
+    galleries, queries = [], []
+    for number, embedder in enumerate([first, *extra]):
+        suffix = f" {embedder.name}" if number else ""
+        galleries.append(extract_embeddings(embedder, dataset.gallery_paths, desc="gallery" + suffix, **common))
+        # the queries at the precision the gallery got (auto may decide differently on another number of images)
+        same = {**common, "precision": galleries[-1].precision}
+        queries.append(extract_embeddings(embedder, dataset.query_paths, desc="query" + suffix, **same))
     if extra:
-        queries += [extract_embeddings(e, dataset.query_paths, desc=f"query {e.name}", **common) for e in extra]
-        galleries += [extract_embeddings(e, dataset.gallery_paths, desc=f"gallery {e.name}", **common)
-                      for e in extra]
         queries, galleries = align_by_path(queries), align_by_path(galleries)
     query, gallery = queries[0], galleries[0]
     if len(gallery.paths) == 0:

@@ -257,6 +257,7 @@ def similarities_from_model(
     gallery_names = sorted({g for q in chosen for g in rankings[q]})
     common = dict(batch_size=batch_size, device=device, cache=EmbeddingCache(), tta=tta, progress=progress)
     q_result = extract_embeddings(embedder, [query_dir / q for q in chosen], desc="query", **common)
+    common["precision"] = q_result.precision  # both sides at one precision
     g_result = extract_embeddings(embedder, [gallery_dir / g for g in gallery_names if (gallery_dir / g).exists()],
                                   desc="gallery", **common)
     q_index = {name: i for i, name in enumerate(q_result.names)}

@@ -333,3 +333,33 @@ def test_precision_is_one_per_collection_and_the_ray_engine_refuses_int8(local_b
                          options=EngineOptions(progress=False, precision="int8"))
     with pytest.raises(ValueError, match="--precision fp32"):
         add_to_collection(local_build, images=[photos], options=EngineOptions(progress=False, precision="auto"))
+
+
+def test_auto_precision_is_decided_once_per_collection_and_used_for_queries(monkeypatch, tmp_path):
+    """The first part embedded decides ``auto``; later parts and the query embedding use that precision."""
+    import types
+
+    import helpers.embedding as embedding
+    from helpers.collection.engine_local import embed_local
+    from helpers.collection.index import Index
+
+    asked, told = [], []
+
+    def fake_extract(model, files, precision="auto", **options):
+        asked.append(precision)
+        return types.SimpleNamespace(paths=list(files), embeddings=np.ones((len(files), 4), np.float32), skipped=[],
+                                     precision="int8" if precision == "auto" else precision)
+
+    monkeypatch.setattr(embedding, "extract_embeddings", fake_extract)
+    model = types.SimpleNamespace(embed_dim=4)
+    entries = [types.SimpleNamespace(file=tmp_path / f"{i}.jpg") for i in range(3)]
+    monkeypatch.setattr("helpers.collection.engine_local.STEP", 1)
+    embed_local(model, [(0, entries[:2]), (1, entries[2:])], lambda *a: None, lambda n: None, precision="auto",
+                on_precision=told.append)
+    assert asked == ["auto", "int8", "int8"] and told == ["int8"]
+    collection = Index.__new__(Index)
+    for manifest, expected in (({"inference_precision": "auto", "inference_precision_used": "int8"}, "int8"),
+                               ({"inference_precision": "auto"}, "fp32"), ({"inference_precision": "int8"}, "int8"),
+                               ({}, "fp32")):
+        collection.manifest = manifest
+        assert collection.inference_precision == expected

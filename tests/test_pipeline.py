@@ -143,3 +143,23 @@ def test_run_retrieval_takes_a_config_and_todays_keywords(demo_data, lite0):
         run_retrieval(demo_data, model=lite0, colour="red")
     with pytest.raises(ValueError, match="--k must be at least 1"):
         run_retrieval(demo_data, model=lite0, k=0, **common)
+
+
+def test_queries_are_embedded_at_the_precision_the_gallery_got(demo_data, lite0, monkeypatch):
+    """``auto`` decides per call (calibration needs 200 images): a small query set must not end up in another
+    precision than the gallery it is compared with."""
+    import helpers.pipeline as pipeline
+
+    real = pipeline.extract_embeddings
+    requested = {}
+
+    def spy(model, paths, desc="", precision="auto", **options):
+        requested[desc] = precision
+        result = real(model, paths, desc=desc, precision="fp32", **options)
+        if desc == "gallery" and precision == "auto":
+            result.precision = "int8"  # as auto would choose after calibrating on a large gallery
+        return result
+
+    monkeypatch.setattr(pipeline, "extract_embeddings", spy)
+    run_retrieval(demo_data, model=lite0, k=5, precision="auto", cache=False)
+    assert requested == {"gallery": "auto", "query": "int8"}

@@ -143,9 +143,14 @@ def _embed(index_dir: Path, model, ref: ModelRef, chunks, options: EngineOptions
         else:
             from .engine_local import embed_local
 
+            def on_precision(chosen: str) -> None:  # kept for later shards, resumed builds and the queries
+                result.manifest["inference_precision_used"] = chosen
+                write_manifest(index_dir, result.manifest)
+
+            used = result.manifest.get("inference_precision_used", options.precision)
             embed_local(model, chunks, on_shard, progress.advance, batch_size=options.batch_size,
                         device=options.device, backend=options.backend, num_workers=options.num_workers,
-                        precision=options.precision)
+                        precision=used, on_precision=on_precision)
     finally:
         progress.close()
 

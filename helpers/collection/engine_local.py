@@ -16,9 +16,12 @@ STEP = 512
 
 def embed_local(model, chunks: Sequence[tuple[int, Sequence[Entry]]], on_shard: ShardSink,
                 advance: Callable[[int], None], batch_size: int = 32, device: str = "auto",
-                backend: str = "auto", num_workers: int | None = None, precision: str = "fp32") -> None:
+                backend: str = "auto", num_workers: int | None = None, precision: str = "fp32",
+                on_precision: Callable[[str], None] | None = None) -> None:
     """Embed each ``(number, entries)`` chunk and hand ``on_shard(number, entries, vectors, reasons)`` the result
-    (``vectors`` one float32 row per entry, ``reasons`` None for an embedded file)."""
+    (``vectors`` one float32 row per entry, ``reasons`` None for an embedded file). ``auto`` precision is decided
+    once, on the first part embedded, and kept for the rest (``on_precision`` is told which): one collection, one
+    precision."""
     from ..embedding import extract_embeddings
 
     for number, entries in chunks:
@@ -32,6 +35,10 @@ def embed_local(model, chunks: Sequence[tuple[int, Sequence[Entry]]], on_shard: 
             result = extract_embeddings(model, [e.file for e in part], batch_size=batch_size, device=device,
                                         num_workers=num_workers, cache=None, progress=False, backend=backend,
                                         precision=precision)
+            if precision == "auto" and len(result.paths):
+                precision = result.precision
+                if on_precision is not None:
+                    on_precision(precision)
             for path, vector in zip(result.paths, result.embeddings):
                 for i in positions[str(path)]:
                     vectors[i], reasons[i] = vector, None

@@ -105,13 +105,21 @@ class Index:
 
     def embed_images(self, files: Sequence[str | os.PathLike], batch_size: int = 32, device: str = "auto",
                      use_cache: bool = True, progress: bool = False):
-        """Embed query files with the collection's model (through the embedding cache, as ``retrieve``)."""
+        """Embed query files with the collection's model (through the embedding cache, as ``retrieve``), at the
+        inference precision its shards were embedded with."""
         from ..embedding import EmbeddingCache, extract_embeddings
 
         model = self.model(device)
         cache = EmbeddingCache() if use_cache else None
         return extract_embeddings(model, files, batch_size=batch_size, device=device, cache=cache,
-                                  progress=progress, desc="queries")
+                                  progress=progress, desc="queries", precision=self.inference_precision)
+
+    @property
+    def inference_precision(self) -> str:
+        """``fp32`` or ``int8``: what embedded the shards (``auto`` resolved by the build; float32 where the
+        manifest does not say)."""
+        recorded = self.manifest.get("inference_precision_used", self.manifest.get("inference_precision", "fp32"))
+        return recorded if recorded in ("fp32", "int8") else "fp32"
 
     def search(self, images: Sequence[str | os.PathLike] = (), query_dir: str | os.PathLike | None = None,
                text: Sequence[str] = (), k: int = 10, batch_size: int = 32, device: str = "auto",
