@@ -194,7 +194,8 @@ def test_int8_is_calibrated_once_kept_beside_the_export_and_keyed_in_the_cache(l
     np.testing.assert_allclose(again.embeddings, int8.embeddings, atol=1e-5)
 
 
-def test_auto_precision_keeps_fp32_for_few_images_and_says_why(lite0, small_folder):
+def test_auto_precision_keeps_fp32_for_few_images_and_says_why(lite0, small_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_ONNX_DIR", str(tmp_path / "onnx"))  # no calibration from an earlier test
     result = extract_embeddings(lite0, _valid(small_folder), device="cpu", precision="auto", progress=False)
     assert result.precision == "fp32" and result.precision_reason
 
