@@ -104,6 +104,7 @@ def test_retrieve_config_repeats_a_run_byte_for_byte(tmp_path, demo_data, monkey
     """A run's metrics JSON holds its whole config: ``retrieve --config`` reproduces the submission and scores;
     options given override the file; runs that differ in an output option get their own files."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RETRIEVAL_ONNX_DIR", str(tmp_path / "onnx"))  # no int8 calibration from an earlier test
     first = ["retrieve", "--data", str(demo_data), "--k", "5", "--qe", "alpha", "--dba", "2", "--format", "list",
              "--quiet"]
     assert cli_main(first) == 0
