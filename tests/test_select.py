@@ -314,3 +314,15 @@ def test_submit_sends_the_winner_through_the_client_and_logs_it(selected, tmp_pa
     assert sent == {"groupname": "team", "images": json.loads(outcome.submission.read_text())}
     log = client.read_log(tmp_path / "submissions" / "submit_log.jsonl")
     assert log[-1]["outcome"] == "ok" and log[-1]["group"] == "team"
+
+
+def test_select_runs_in_float32_unless_asked(selected, demo_data, tmp_path, capsys):
+    """A competition counts rank 1: select scores and submits in float32 by default (int8 can cost hit@1)."""
+    from helpers.fileio import read_json
+    from helpers.select import SelectOptions
+
+    assert SelectOptions().precision == "fp32"
+    assert read_json(selected[1].winner_config)["config"]["precision"] == "fp32"
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["select", "--data", str(demo_data), "--precision", "int4"])
+    assert stopped.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..quantize import PRECISION_CHOICES
 from .common import add_data, add_k
 
 
@@ -53,6 +54,9 @@ def register(subparsers) -> None:
                    help="weights of every model (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="default: %(default)s")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
+                   help="inference precision of every candidate and the test run (default: %(default)s: on a CPU "
+                        "int8 is about 1.3x faster but can cost 0.01-0.02 hit@1)")
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--submit", action="store_true", help="send the submission (needs --group)")
     p.add_argument("--group", default=None, metavar="NAME", help="your group name, for --submit")
@@ -93,7 +97,7 @@ def cmd_select(args: argparse.Namespace) -> int:
                             train=args.train, train_epochs=args.train_epochs,
                             budget_minutes=args.budget_minutes, seed=args.seed, out=args.out,
                             k=args.k, weights=args.weights, device=args.device, batch_size=args.batch_size,
-                            progress=args.progress)
+                            progress=args.progress, precision=args.precision)
     outcome = select(options)
     _print_outcome(outcome)
     if outcome.problems:
