@@ -66,7 +66,9 @@ def check_submission(path: Path, data: Path, truth: dict[str, list[str]]) -> dic
     queries = sorted(p.name for p in (data / "test" / "query").iterdir())
     gallery = sorted(p.name for p in (data / "test" / "gallery").iterdir())
     assert validate_submission(rankings, k=10, query_names=queries, gallery_names=gallery) == []
-    return evaluate_rankings(rankings, truth, k=10, gallery_names=gallery).metrics
+    metrics = evaluate_rankings(rankings, truth, k=10, gallery_names=gallery).metrics
+    print(f"{path.name} against the hidden ground truth: {metrics}")
+    return metrics
 
 
 def test_quickstart_full_mode_without_test_ground_truth(competition, tmp_path, monkeypatch):
