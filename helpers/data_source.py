@@ -425,11 +425,14 @@ def check_layout(root: str | os.PathLike, need_training: bool = False) -> Layout
     if not report.root.is_dir():
         report.problems.append(f"the folder {report.root} does not exist")
         return report
-    _check_ground_truth(report.root / "test", report)
+    from .data import _find_test_dir
+
+    test_dir = _find_test_dir(report.root)  # DIR/test, or DIR itself when it holds query/ and gallery/ (as retrieve)
+    _check_ground_truth(test_dir, report)
     _check_training(report.root / "training", report)
-    if (report.root / "test").is_dir():
+    if test_dir.is_dir():
         for kind in ("query", "gallery"):
-            _check_test_folder(report.root / "test" / kind, kind, report)
+            _check_test_folder(test_dir / kind, kind, report)
     else:
         report.problems.append("no test/ folder: the query and gallery images go directly in test/query/ and "
                                "test/gallery/")
@@ -438,7 +441,7 @@ def check_layout(root: str | os.PathLike, need_training: bool = False) -> Layout
 
         report.notes.append(f"{report.root} holds: {_names(_entries(report.root), 12) or 'nothing'}")
         hint = _layout_hint(report.root).lstrip(". ")
-        if hint and not (report.root / "test").is_dir():
+        if hint and not test_dir.is_dir():
             report.notes.append(hint)
     return report
 

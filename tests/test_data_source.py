@@ -371,3 +371,10 @@ def test_data_check_exits_0_when_ready_and_2_with_one_error_line(comp, tmp_path,
     assert main(["data-check", str(tmp_path / "absent")]) == 2
     assert capsys.readouterr().err.startswith("error: data source not found")
     assert main(["data-check", str(comp), "--max-unpacked-gb", "0"]) == 2
+
+
+def test_the_test_folder_itself_is_accepted_as_retrieve_accepts_it(tmp_path):
+    folder = make_competition(tmp_path / "comp", ground_truth=True)
+    report = ds.check_layout(folder / "test")  # query/ and gallery/ directly inside, as `retrieve --data DIR/test`
+    assert report.ok, report.problems
+    assert (report.queries, report.gallery_images, report.has_ground_truth) == (1, 2, True)
