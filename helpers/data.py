@@ -467,13 +467,15 @@ def course_mapping_to_dict(entries: list, where: str | os.PathLike = "(list)") -
     queries: dict[str, str] = {}
     gallery: dict[str, str] = {}
     out: dict[str, list[str]] = {}
+    listed: set[str] = set()
     for number, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str) or not isinstance(
                 entry.get("gallery_images"), list) or not all(isinstance(g, str) for g in entry["gallery_images"]):
             raise DataError(f"ground truth {where}: entry {number} must be {{\"filename\": query path, "
                             f"\"gallery_images\": [gallery paths]}}, got {str(entry)[:120]}")
-        if entry["filename"] in queries.values():
+        if entry["filename"] in listed:
             raise DataError(f"ground truth {where}: query {entry['filename']!r} is listed twice")
+        listed.add(entry["filename"])
         query = _file_name(entry["filename"], queries, "query", str(where))
         out[query] = [_file_name(g, gallery, "gallery", str(where)) for g in entry["gallery_images"]]
     return out

@@ -140,16 +140,17 @@ class SearchService:
         """Rank for the image in ``path`` (decoded by the project's robust loader, embedded with the collection's
         model and its own preprocessing); AppError 400 naming why an unreadable image is refused."""
         from ..data import ImageLoadError, load_image
-        from ..embedding import embed_pil_images
 
         started = time.perf_counter()
-        try:
-            image = load_image(path, max_pixels=self.max_pixels)
+        try:  # the app's own size limit and messages, before the model sees the file
+            load_image(path, max_pixels=self.max_pixels, draft_size=1)
         except ImageLoadError as exc:
             raise AppError(400, f"{label} is not a usable image: {exc.reason}") from None
-        with self._lock:
-            vector = embed_pil_images(self.model, [image], device=self.device)
-        return self._rank(vector, k, started)
+        with self._lock:  # the collection's own path: its draft decoding and inference precision, as its shards
+            result = self.index.embed_images([path], device=str(self.device), use_cache=False)
+        if result.skipped:
+            raise AppError(400, f"{label} is not a usable image: {result.skipped[0][1]}")
+        return self._rank(result.embeddings, k, started)
 
     def search_text(self, text: Any, k: int) -> Answer:
         """Rank for a text query (CLIP models); AppError 400 for an empty text or a model without text encoder."""

@@ -75,15 +75,17 @@ def _start(ray, address: str | None, num_cpus: int | None, attempts: int = START
                            attempts)
 
 
-def _decode(files: Sequence[str], transform, input_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocessed float32 pixels (B, 3, S, S) and reasons ("" for a file that loaded)."""
+def _decode(files: Sequence[str], transform, input_size: int,
+            draft_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed float32 pixels (B, 3, S, S) and reasons ("" for a file that loaded); JPEGs decoded at
+    ``draft_size`` as the local engine does (none for a model with its own PIL-level step)."""
     from ..data import ImageLoadError, load_image
 
     pixels = np.zeros((len(files), 3, input_size, input_size), dtype=np.float32)
     reasons = []
     for i, file in enumerate(files):
         try:
-            pixels[i] = transform(load_image(file)).numpy()
+            pixels[i] = transform(load_image(file, draft_size=draft_size)).numpy()
             reasons.append("")
         except ImageLoadError as exc:
             reasons.append(exc.reason)
@@ -93,8 +95,11 @@ def _decode(files: Sequence[str], transform, input_size: int) -> tuple[np.ndarra
 
 
 def decode_batch(batch: dict[str, np.ndarray], preprocessing) -> dict[str, np.ndarray]:
-    """Ray task: decode and preprocess a batch of files."""
-    pixels, reasons = _decode(list(batch["file"]), preprocessing.transform(), preprocessing.input_size)
+    """Ray task: decode (at the draft size the local engine uses) and preprocess a batch of files."""
+    from ..data import draft_size_for
+
+    pixels, reasons = _decode(list(batch["file"]), preprocessing.transform(), preprocessing.input_size,
+                              draft_size_for(preprocessing))
     return {"id": batch["id"], "file": batch["file"], "pixels": pixels, "reason": reasons}
 
 

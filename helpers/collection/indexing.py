@@ -54,10 +54,10 @@ def refresh_index(index_dir: str | os.PathLike, manifest: dict[str, Any], max_me
     record = manifest.get("index")
     if n == 0:
         return {"kind": "exact", "params": {}, "shards": numbers, "vectors": 0, "recall_at_10": None}
+    if record and record.get("vectors") == n and record.get("shards") == numbers:
+        return record  # nothing new: the index on disk stands, whatever memory limit is given now
     plan = choose_index(n, d, max_memory)
     start = time.perf_counter()
-    if record and record.get("vectors") == n and record.get("shards") == numbers:
-        return record
     if _extendable(record, numbers, plan):
         index = load_faiss(index_dir, record)
         add_vectors(index, vectors, start=int(record["vectors"]))
@@ -79,8 +79,9 @@ def refresh_index(index_dir: str | os.PathLike, manifest: dict[str, Any], max_me
     if index is not None:
         import faiss
 
-        size = len(faiss.serialize_index(index))
-        write_bytes(Path(index_dir) / INDEX_FILE, faiss.serialize_index(index).tobytes())
+        serialized = faiss.serialize_index(index)  # once: a large HNSW is GBs
+        size = len(serialized)
+        write_bytes(Path(index_dir) / INDEX_FILE, serialized)
     logger.info("%s a %s index over %d vectors in %.1f s; recall@10 on %d held-out queries: %s", how, plan.kind,
                 n, build_seconds, len(queries), "n/a" if recall is None else f"{recall:.4f}")
     return {

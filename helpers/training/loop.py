@@ -169,7 +169,11 @@ def _embed_images(net: RetrievalNet, paths: list[Path], transform, batch_size: i
     with torch.inference_mode(), _autocast(device, amp):
         for images, _ in loader:
             out.append(net(_to_device(images, device, channels_last)).float().cpu())
-    return torch.cat(out).numpy()
+    embeddings = torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    if len(embeddings) != len(paths):  # rows are matched to images by position: a dropped image would shift them
+        raise DataError(f"{len(paths) - len(embeddings)} of {len(paths)} validation images could not be decoded or "
+                        "preprocessed; remove them (or fix them) and train again")
+    return embeddings
 
 
 def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -342,13 +346,14 @@ def prepare_data(config: TrainConfig) -> TrainData:
         query, gallery = [index[p] for p in split.query], [index[p] for p in split.gallery]
         held_out = split.held_out
     else:
-        all_classes = sorted(set(names))
-        numeric = [all_classes.index(c) for c in names]
+        number_of = {c: i for i, c in enumerate(sorted(set(names)))}
+        numeric = [number_of[c] for c in names]
         train_idx, val_idx = split_validation(numeric, config.val_fraction, config.val_min_per_class, config.seed)
         query = gallery = val_idx
         held_out = []
     classes = sorted({names[i] for i in train_idx})
-    labels = {i: classes.index(names[i]) for i in train_idx}
+    label_of = {c: i for i, c in enumerate(classes)}
+    labels = {i: label_of[names[i]] for i in train_idx}
     return TrainData(paths, names, classes, train_idx, labels, query, gallery, held_out, skipped)
 
 
