@@ -38,13 +38,20 @@ def _requirement_name(line: str) -> str:
     return name.strip().lower().replace("_", "-")
 
 
+def _toml():
+    """``tomllib`` (Python 3.11+), else pip's own copy of ``tomli`` (Python 3.10, where pip is always present)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        from pip._vendor import tomli as tomllib
+    return tomllib
+
+
 def colab_requirements(root: str | os.PathLike = ".", extras: Sequence[str] = ("notebooks",),
                        keep: Sequence[str] = COLAB_KEEP) -> list[str]:
     """The project's dependencies (``pyproject.toml``) and those of ``extras`` (the notebooks' own), minus ``keep``
     (torch, torchvision: Colab's builds stay): what a notebook needs on Colab, and nothing for tests or servers."""
-    import tomllib
-
-    project = tomllib.loads((Path(root) / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    project = _toml().loads((Path(root) / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     lines = list(project.get("dependencies", []))
     for extra in extras:
         lines += project.get("optional-dependencies", {}).get(extra, [])
@@ -73,9 +80,7 @@ def colab_setup(root: str | os.PathLike = ".", dry_run: bool = False) -> list[li
 def colab_settings(root: str | os.PathLike = ".") -> tuple[str, str]:
     """``(repository, branch)`` that the notebooks' Colab badges and clone cells use: the one setting,
     ``[tool.cbir-toolkit.colab]`` in ``pyproject.toml``."""
-    import tomllib
-
-    table = tomllib.loads((Path(root) / "pyproject.toml").read_text(encoding="utf-8"))
+    table = _toml().loads((Path(root) / "pyproject.toml").read_text(encoding="utf-8"))
     for key in SETTINGS_TABLE:
         table = table.get(key, {})
     repository, branch = table.get("repository"), table.get("branch", "main")

@@ -42,7 +42,7 @@ FUSION_CHOICES = ("concat", "score")
 FACE_CHOICES = ("detect", "none")
 
 #: Keys a metrics JSON adds to the config of a run: facts of the run, not options (skipped by ``from_record``).
-RUN_FACTS = ("search", "postprocess", "embedding")
+RUN_FACTS = ("search", "postprocess", "embedding", "scored_on")
 #: Where a run's files go: not repeated by ``from_record`` (a repeated run with other options must not overwrite
 #: the first run's files; it takes its own derived name unless these are given again).
 OUTPUT_FIELDS = ("out", "metrics_out", "grid", "run_name")

@@ -123,8 +123,9 @@ def device_summary(device: str) -> str:
                 f"{torch.cuda.device_count()} GPU(s)")
     if device == "mps":
         return "mps: Apple GPU (Metal)"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{device}: no GPU, {cores} CPU cores"
+    from .parallelism import available_cores
+
+    return f"{device}: no GPU, {available_cores()} CPU cores"
 
 
 def notebook_mode(fast: bool | str | None = None, device: str = "auto") -> tuple[bool, str]:
@@ -183,7 +184,9 @@ def scored_retrieval(data: str | os.PathLike, **options: Any) -> "RetrievalRun":
     run = run_retrieval(data, **options)
     if run.evaluation is None:
         validation = scoring_data(data)
-        run.validation_run = run_retrieval(validation, **options)
+        # at the precision the test's gallery got (auto decides by the number of images): the scores describe the
+        # embedding of the submission
+        run.validation_run = run_retrieval(validation, **{**options, "precision": run.gallery.precision})
         run.evaluation = run.validation_run.evaluation
         run.config["scored_on"] = str(validation)
     return run

@@ -81,6 +81,7 @@ def model_fingerprint(model: EmbeddingModel) -> str:
     pristine = getattr(model, "pristine", None)
     if callable(pristine) and pristine():  # weights as loaded for the model's identity: remember them
         remember_fingerprint(model.identity, fingerprint)
+        model._fingerprint = fingerprint  # and keep it: no second hash of every weight for the next call
     return fingerprint
 
 
@@ -129,8 +130,13 @@ class OnnxRunner:
         if size not in self._sessions:
             self._sessions[size] = self._open(size)
         session = self._sessions[size]
-        if session is None:
-            return self.model(images)
+        if session is None:  # torch computes after all: with the inference threads planned for ONNX Runtime
+            saved = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                return self.model(images)
+            finally:
+                torch.set_num_threads(saved)
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
         parts = [session.run(None, {"images": array[i:i + SESSION_BATCH]})[0]
                  for i in range(0, len(array), SESSION_BATCH)]

@@ -145,3 +145,13 @@ def test_pipeline_and_report_use_the_config_derivation(tmp_path):
     assert default_run_name(tmp_path, config.to_dict()) == config.run_name_for()
     assert _rerank_options(config.to_dict()) == "k1=8, rerank=kreciprocal"
     assert _rerank_options(RetrievalConfig(qe_k=3).to_dict()) == "none"  # qe_k without --qe takes no effect
+
+
+def test_a_notebook_record_scored_on_a_validation_split_replays(tmp_path):
+    """Notebooks record ``scored_on`` (the validation split of a test without ground truth): a fact of the run,
+    not an option, so ``retrieve --config`` must accept the record."""
+    from helpers.config import RetrievalConfig
+
+    record = {"config": {**RetrievalConfig(k=7).to_dict(), "scored_on": str(tmp_path / "validation")}}
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    assert RetrievalConfig.from_record(tmp_path / "run.json").k == 7

@@ -164,24 +164,16 @@ def register_prefix(prefix: str, factory: Callable[[str], ModelSpec], usage: str
 
 def list_prefixes() -> dict[str, str]:
     """Pass-through prefixes and their usage, e.g. ``{"timm": "timm:<model name>[.<tag>]"}``."""
-    _load_families()
     return dict(sorted(_PREFIX_USAGE.items()))
-
-
-def _load_families() -> None:
-    """Nothing to do: the package ``helpers.models`` imports every family module (``families.py``) when it is first
-    imported, before any lookup can happen; the family modules import this module, never the other way round."""
 
 
 def list_models() -> list[ModelSpec]:
     """Every registered spec, sorted by family then name."""
-    _load_families()
     return sorted(_REGISTRY.values(), key=lambda s: (s.family, s.name))
 
 
 def get_spec(name: str) -> ModelSpec:
     """The spec for ``name``; pass-through names (``timm:...``) are resolved on demand."""
-    _load_families()
     if name in _REGISTRY:
         return _REGISTRY[name]
     prefix, sep, rest = name.partition(":")
